@@ -1,0 +1,1 @@
+"""Ray job entrypoints: `python -m jobs.<verb> ...`, one per CLI verb."""

@@ -1,0 +1,53 @@
+"""`influence-ssl <verb>`: one verb per job; each is also a module under `jobs/`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import load_config
+
+VERBS = {
+    "demo": "the whole method on bundled real digits: train an SSL encoder, fit, embed, score",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="influence-ssl",
+        description="Label-free influence (Influence-SSL) for self-supervised image encoders.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, help_text in VERBS.items():
+        command = sub.add_parser(verb, help=help_text, description=help_text)
+        command.add_argument("--config", help="YAML file with settings")
+        command.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one setting, e.g. --set influence.curvature.kind=dense",
+        )
+        command.add_argument("--out", help="output folder (shortcut for --set out=...)")
+        command.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+    if args.verb == "demo":
+        from pipeline.demo import DemoConfig, run_demo
+
+        run_demo(load_config(DemoConfig, args.config, overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Settings as dataclasses, loadable from one YAML file and overridable per key.
+
+Every setting that changes the numbers written to an index (model, views, loss, projection,
+curvature) lives here, so the manifest can record it and a query can check it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """Which encoder to build and which of its outputs is the representation `z`."""
+
+    # Built-in name ("resnet18", "resnet50", "small_cnn", "tiny_cnn") or "module:function".
+    arch: str = "resnet18"
+    # Local path, file:// or s3:// URI of a state dict (safetensors or torch weights_only).
+    checkpoint: str | None = None
+    # Projector MLP on top of the backbone: [] for none, else hidden/output widths.
+    projector_dims: list[int] = field(default_factory=list)
+    # "auto": projector output where there is a projector, else backbone features.
+    representation: str = "auto"
+    # Input channels (1 for grayscale digits, 3 for RGB).
+    in_channels: int = 3
+    # Extra keyword arguments for the factory ("module:function" or built-in).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AugmentConfig:
+    """SimCLR-style view family; each part can be switched off or tuned."""
+
+    size: int = 224  # output side of every view, in pixels
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # Per-channel normalisation applied after augmentation (empty: none).
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LossConfig:
+    """Augmentation-consistency loss over K pairs of views (SPEC section 2)."""
+
+    num_pairs: int = 2  # K
+    kind: str = "cosine"  # "cosine" (||n(z)-n(z')||^2 = 2 - 2cos) or "l2"
+    seed: int = 0  # global seed of the views
+
+
+@dataclass
+class ProjectionConfig:
+    """Kronecker random projection of each layer's gradient."""
+
+    dim_in: int = 16  # k_in per layer (input side, bias column included)
+    dim_out: int = 16  # k_out per layer (output side)
+    # Per-layer overrides: {"layer4.*": [32, 32]} (fnmatch pattern -> [dim_in, dim_out]).
+    per_layer: dict[str, list[int]] = field(default_factory=dict)
+    kind: str = "gaussian"  # "gaussian" or "rademacher"
+    seed: int = 0
+    enabled: bool = True  # False: identity on both sides (exact gradients)
+
+
+@dataclass
+class CurvatureConfig:
+    """How the curvature is approximated and damped."""
+
+    kind: str = "ekfac"  # "ekfac", "dense" (per layer), "dense_all" (across layers), "identity"
+    damping: float = 0.1  # a factor of mean(eigenvalues), or absolute (see damping_mode)
+    damping_mode: str = "relative"  # "relative" or "absolute"
+    # Largest block a dense curvature may eigendecompose (memory dim^2, time dim^3).
+    max_dense_dim: int = 16384
+
+
+@dataclass
+class LayerConfig:
+    """Which layers are tracked, by fnmatch patterns on module names."""
+
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InfluenceConfig:
+    """Everything that defines the index vector `w(x)` of an example."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    layers: LayerConfig = field(default_factory=LayerConfig)
+    batch_size: int = 32
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data view of a config dataclass (tuples become lists), for YAML and JSON."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build dataclass `cls` from nested plain data; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown setting(s) for {cls.__name__}: {sorted(unknown)}")
+    kwargs = {name: _coerce(hints[name], value) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_dict(hint, value)
+    origin = typing.get_origin(hint)
+    if origin is tuple and isinstance(value, list | tuple):
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType) and value is not None:
+        for arg in typing.get_args(hint):
+            if arg is not type(None):
+                return _coerce(arg, value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to nested plain data."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        path, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = path.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Defaults of `cls`, then the YAML file (if any), then `key.path=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data)

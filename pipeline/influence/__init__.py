@@ -1,0 +1,1 @@
+"""The maths of Influence-SSL, independent of Ray and of storage."""

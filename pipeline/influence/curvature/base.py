@@ -1,0 +1,153 @@
+"""The contract every curvature option keeps: passes of mergeable sums, then whitening.
+
+A curvature is fitted by running its `passes` in order. For each pass, every worker calls
+`accumulate` on its batches into its own `Statistics`; the partials are merged; one call to
+`complete_pass` turns the merged sums into factors. After the last pass, `whiten` maps
+per-example projected gradients to `w(x)`, with `<w(q), w(t)> = g_q^T (F + lambda)^-1 g_t`
+for that option's approximation F of the empirical Fisher.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import CurvatureConfig
+from pipeline.influence.statistics import Statistics
+from pipeline.influence.tracker import LayerRows
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A tracked layer as the curvature sees it: its projected gradient is [dim_out, dim_in]."""
+
+    name: str
+    dim_in: int
+    dim_out: int
+
+    @property
+    def size(self) -> int:
+        return self.dim_in * self.dim_out
+
+
+class ProjectedBatch:
+    """Per-layer projected rows of a batch, and its per-example gradients (computed once)."""
+
+    def __init__(
+        self,
+        rows: dict[str, LayerRows] | None = None,
+        gradients: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        if rows is None and gradients is None:
+            raise ValueError("a ProjectedBatch needs rows or gradients")
+        self.rows = rows
+        self._gradients = gradients
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """{layer: G~ [B, dim_out, dim_in]}."""
+        if self._gradients is None:
+            self._gradients = {name: r.gradient() for name, r in self.rows.items()}
+        return self._gradients
+
+    def require_rows(self) -> dict[str, LayerRows]:
+        if self.rows is None:
+            raise ValueError("this pass needs the projected rows, not only gradients")
+        return self.rows
+
+    @property
+    def num_examples(self) -> int:
+        return next(iter(self.gradients().values())).shape[0]
+
+
+def damping(eigenvalues: torch.Tensor, config: CurvatureConfig) -> float:
+    """`factor * mean(eigenvalues)` (relative, the default) or an absolute value."""
+    if config.damping_mode == "relative":
+        return float(config.damping * eigenvalues.mean())
+    if config.damping_mode == "absolute":
+        return float(config.damping)
+    raise ValueError(f"damping_mode must be 'relative' or 'absolute', not {config.damping_mode!r}")
+
+
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition in float64 of the symmetrised matrix, eigenvalues clipped at 0."""
+    matrix = matrix.to(torch.float64)
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return values.clamp_min(0.0), vectors
+
+
+class Curvature(ABC):
+    kind: str = ""
+    passes: tuple[str, ...] = ()
+
+    def __init__(self, layers: list[LayerShape], config: CurvatureConfig) -> None:
+        if not layers:
+            raise ValueError("a curvature needs at least one layer")
+        self.layers = list(layers)
+        self.config = config
+        self.completed: list[str] = []
+
+    @property
+    def fitted(self) -> bool:
+        return self.completed == list(self.passes)
+
+    @property
+    def dimension(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    def next_pass(self) -> str | None:
+        remaining = [p for p in self.passes if p not in self.completed]
+        return remaining[0] if remaining else None
+
+    def _check_pass(self, pass_name: str) -> None:
+        if pass_name != self.next_pass():
+            raise ValueError(
+                f"{self.kind}: pass {pass_name!r} out of order; next is {self.next_pass()!r}"
+            )
+
+    def accumulate(self, pass_name: str, stats: Statistics, batch: ProjectedBatch) -> None:
+        self._check_pass(pass_name)
+        self._accumulate(pass_name, stats, batch)
+
+    def complete_pass(self, pass_name: str, stats: Statistics) -> None:
+        self._check_pass(pass_name)
+        self._complete(pass_name, stats)
+        self.completed.append(pass_name)
+
+    def whiten(self, gradients: dict[str, torch.Tensor]) -> torch.Tensor:
+        """w(x) [B, dimension] from {layer: G~ [B, dim_out, dim_in]}."""
+        if not self.fitted:
+            raise RuntimeError(
+                f"{self.kind} curvature is not fitted (passes done: {self.completed})"
+            )
+        missing = [layer.name for layer in self.layers if layer.name not in gradients]
+        if missing:
+            raise ValueError(f"gradients missing for layers {missing[:5]}")
+        return self._whiten(gradients)
+
+    @abstractmethod
+    def _accumulate(self, pass_name: str, stats: Statistics, batch: ProjectedBatch) -> None: ...
+
+    @abstractmethod
+    def _complete(self, pass_name: str, stats: Statistics) -> None: ...
+
+    @abstractmethod
+    def _whiten(self, gradients: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The factors fitted so far, as named tensors (no pickle)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, torch.Tensor], completed: list[str]) -> None: ...
+
+    def to(self, device: torch.device | str) -> Curvature:
+        state = {k: v.to(device) for k, v in self.state_dict().items()}
+        self.load_state_dict(state, list(self.completed))
+        return self
+
+
+def flatten(gradients: dict[str, torch.Tensor], layers: list[LayerShape]) -> torch.Tensor:
+    """Concatenate per-layer gradients [B, o, i] into [B, sum(o*i)] in layer order."""
+    return torch.cat([gradients[layer.name].flatten(1) for layer in layers], dim=1)

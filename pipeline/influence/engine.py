@@ -1,0 +1,179 @@
+"""The in-memory engine: views -> loss -> hooked backward -> projected gradients -> w(x).
+
+Independent of Ray and of storage. The distributed pipeline calls the same three steps a
+worker needs (`accumulate` a pass into partial statistics, `complete_pass` on the merged
+statistics, `embed` batches); a notebook calls `fit` and `embed` on tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.augment import ViewGenerator
+from pipeline.config import InfluenceConfig, to_dict
+from pipeline.influence.curvature import LayerShape, ProjectedBatch, make_curvature
+from pipeline.influence.loss import consistency_loss
+from pipeline.influence.statistics import Statistics
+from pipeline.influence.tracker import GradientTracker
+
+FACTORS_FORMAT = "influence-ssl/factors/1"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """No weight gradients during the hooked backward: only layer-output gradients are used.
+
+    Skipping the weight-gradient kernels is what keeps the embedding pass no dearer than a
+    plain forward+backward.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def batches(
+    images: torch.Tensor, keys: Sequence[str], batch_size: int
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size], list(keys[start : start + batch_size])
+
+
+def default_keys(n: int) -> list[str]:
+    return [f"{i:08d}" for i in range(n)]
+
+
+class InfluenceSSL:
+    """Label-free influence for one encoder under one configuration.
+
+    >>> engine = InfluenceSSL(encoder, config).fit(train_images)
+    >>> w_train = engine.embed(train_images)
+    >>> w_query = engine.embed(query_images, keys=["q0", "q1"])
+    >>> scores = influence(w_query, w_train)           # [Q, N], pipeline.influence.scoring
+    """
+
+    def __init__(self, encoder: nn.Module, config: InfluenceConfig | None = None) -> None:
+        self.config = config or InfluenceConfig()
+        self.device = resolve_device(self.config.device)
+        self.encoder = encoder.to(self.device).eval()
+        self.tracker = GradientTracker(self.encoder, self.config.layers, self.config.projection)
+        self.views = ViewGenerator(
+            self.config.augment, self.config.loss.num_pairs, self.config.loss.seed
+        )
+        shapes = [LayerShape(l.name, l.dim_in, l.dim_out) for l in self.tracker.layers]
+        self.curvature = make_curvature(shapes, self.config.curvature)
+
+    # -- one batch -------------------------------------------------------------------------
+
+    def make_views(self, images: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        """[B, 2K, C, s, s] deterministic views of each example."""
+        if len(keys) != len(images):
+            raise ValueError(f"{len(images)} images but {len(keys)} keys")
+        return self.views(images.to(self.device, torch.float32), list(keys))
+
+    def project_views(self, views: torch.Tensor) -> tuple[ProjectedBatch, torch.Tensor]:
+        """Projected rows of every tracked layer, and the per-example losses [B]."""
+        self.encoder.eval()
+        num_examples, num_views = views.shape[:2]
+        frozen = frozen_parameters(self.encoder)
+        with frozen, self.tracker.capture() as capture, torch.enable_grad():
+            x = views.flatten(0, 1).detach().requires_grad_(True)
+            z = self.encoder(x).reshape(num_examples, num_views, -1)
+            losses = consistency_loss(z, self.config.loss.kind)
+            losses.sum().backward()
+        return ProjectedBatch(rows=capture.rows(num_examples)), losses.detach()
+
+    def project(self, images: torch.Tensor, keys: Sequence[str]) -> ProjectedBatch:
+        return self.project_views(self.make_views(images, keys))[0]
+
+    # -- fitting ---------------------------------------------------------------------------
+
+    def accumulate(
+        self,
+        pass_name: str,
+        images: torch.Tensor,
+        keys: Sequence[str] | None = None,
+        stats: Statistics | None = None,
+    ) -> Statistics:
+        """Partial statistics of one curvature pass over `images` (mergeable across workers)."""
+        stats = stats if stats is not None else Statistics()
+        keys = keys if keys is not None else default_keys(len(images))
+        for batch_images, batch_keys in batches(images, keys, self.config.batch_size):
+            self.curvature.accumulate(pass_name, stats, self.project(batch_images, batch_keys))
+        return stats
+
+    def complete_pass(self, pass_name: str, stats: Statistics) -> None:
+        self.curvature.complete_pass(pass_name, stats)
+
+    def fit(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> InfluenceSSL:
+        """Run every curvature pass over `images` in memory."""
+        while (pass_name := self.curvature.next_pass()) is not None:
+            self.complete_pass(pass_name, self.accumulate(pass_name, images, keys))
+        return self
+
+    # -- embedding -------------------------------------------------------------------------
+
+    def embed_batch(self, images: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+        return self.curvature.whiten(self.project(images, keys).gradients())
+
+    def embed(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
+        """w(x) for every image, [N, D] float32 on the CPU."""
+        keys = keys if keys is not None else default_keys(len(images))
+        parts = [
+            self.embed_batch(batch_images, batch_keys).float().cpu()
+            for batch_images, batch_keys in batches(images, keys, self.config.batch_size)
+        ]
+        return torch.cat(parts) if parts else torch.empty(0, self.curvature.dimension)
+
+    @property
+    def dimension(self) -> int:
+        return self.curvature.dimension
+
+    # -- factors on disk (safetensors, no pickle) -------------------------------------------
+
+    def factors_metadata(self) -> dict[str, str]:
+        return {
+            "format": FACTORS_FORMAT,
+            "curvature": self.curvature.kind,
+            "completed": json.dumps(self.curvature.completed),
+            "layers": json.dumps([layer.describe() for layer in self.tracker.layers]),
+            "config": json.dumps(to_dict(self.config)),
+        }
+
+    def save_factors(self, path: str | Path) -> None:
+        tensors = {k: v.contiguous().cpu() for k, v in self.curvature.state_dict().items()}
+        save_file(tensors, str(path), metadata=self.factors_metadata())
+
+    def load_factors(self, path: str | Path) -> InfluenceSSL:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != FACTORS_FORMAT:
+            raise ValueError(f"{path} is not an influence-ssl factors file")
+        ours = json.loads(self.factors_metadata()["layers"])
+        theirs = json.loads(metadata["layers"])
+        if metadata["curvature"] != self.curvature.kind or ours != theirs:
+            raise ValueError(
+                f"factors in {path} were fitted for curvature {metadata['curvature']!r} on "
+                f"other layers/projection than this engine ({self.curvature.kind!r})"
+            )
+        self.curvature.load_state_dict(load_file(str(path)), json.loads(metadata["completed"]))
+        return self

@@ -1,0 +1,61 @@
+"""Ground truth for tests and benchmarks: exact per-example gradients by `torch.func`.
+
+Slow and memory-hungry by design (every per-example gradient is materialised); used to
+verify the hook-based projected gradients and the curvature approximations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from pipeline.influence.loss import consistency_loss
+
+
+def exact_gradients(
+    model: nn.Module, views: torch.Tensor, layer_names: list[str], kind: str = "cosine"
+) -> dict[str, torch.Tensor]:
+    """{layer: [B, O, I(+1)]} exact per-example gradients of the consistency loss.
+
+    `views` is [B, 2K, C, H, W]. The layout matches the adapters': the weight flattened to
+    [O, I] (conv: I = C*kh*kw) with the bias gradient as an extra last column.
+    """
+    model = model.eval()
+    modules = dict(model.named_modules())
+    tracked = {
+        f"{name}.{part}": getattr(modules[name], part).detach()
+        for name in layer_names
+        for part in ("weight", "bias")
+        if getattr(modules[name], part, None) is not None
+    }
+    fixed = {k: v.detach() for k, v in model.named_parameters() if k not in tracked}
+    fixed.update(dict(model.named_buffers()))
+
+    def loss_of(params: dict[str, torch.Tensor], example_views: torch.Tensor) -> torch.Tensor:
+        z = functional_call(model, {**fixed, **params}, (example_views,))
+        return consistency_loss(z[None], kind)[0]
+
+    grads = vmap(grad(loss_of), in_dims=(None, 0))(tracked, views)
+    out = {}
+    for name in layer_names:
+        weight = grads[f"{name}.weight"].flatten(2)
+        bias = grads.get(f"{name}.bias")
+        out[name] = weight if bias is None else torch.cat([weight, bias[..., None]], dim=-1)
+    return out
+
+
+def damped_inverse_scores(
+    train: torch.Tensor, query: torch.Tensor, damping_factor: float = 0.1
+) -> torch.Tensor:
+    """Exact `g_q^T (F + lambda I)^-1 g_t` with F = E[g g^T] over `train` [N, P] (float64).
+
+    lambda = damping_factor * mean(eig(F)) = damping_factor * trace(F) / P, matching the
+    relative damping of the curvature options. Returns [Q, N].
+    """
+    train, query = train.to(torch.float64), query.to(torch.float64)
+    fisher = train.T @ train / train.shape[0]
+    lam = damping_factor * torch.trace(fisher) / fisher.shape[0]
+    eye = torch.eye(fisher.shape[0], dtype=torch.float64)
+    solved = torch.linalg.solve(fisher + lam * eye, train.T)
+    return query @ solved

@@ -1,0 +1,107 @@
+"""The in-memory API: determinism, shapes, scoring and the demo path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.config import (
+    AugmentConfig,
+    InfluenceConfig,
+    LossConfig,
+    ModelConfig,
+    ProjectionConfig,
+    load_config,
+)
+from pipeline.demo import DemoConfig, run_demo
+from pipeline.influence.engine import InfluenceSSL, default_keys
+from pipeline.influence.scoring import influence, self_influence, top_k
+from pipeline.models import build_encoder
+
+
+def small_config(batch_size: int = 32) -> InfluenceConfig:
+    return InfluenceConfig(
+        model=ModelConfig(
+            arch="small_cnn",
+            in_channels=1,
+            projector_dims=[16, 8],
+            kwargs={"width": 4, "out_dim": 16},
+        ),
+        augment=AugmentConfig(size=28, flip_p=0.0),
+        loss=LossConfig(num_pairs=2),
+        projection=ProjectionConfig(dim_in=8, dim_out=4),
+        batch_size=batch_size,
+        device="cpu",
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted(digits):
+    torch.manual_seed(0)
+    encoder = build_encoder(small_config().model)
+    return InfluenceSSL(encoder, small_config()).fit(digits[:200])
+
+
+def test_w_of_an_example_does_not_depend_on_its_batch(fitted, digits):
+    keys = default_keys(60)
+    reference = fitted.embed(digits[:60], keys)
+    other = InfluenceSSL(fitted.encoder, small_config(batch_size=7))
+    other.curvature.load_state_dict(fitted.curvature.state_dict(), fitted.curvature.completed)
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(1))
+    shuffled = other.embed(digits[:60][order], [keys[i] for i in order])
+    torch.testing.assert_close(shuffled, reference[order], rtol=1e-4, atol=1e-5)
+    assert reference.shape == (60, fitted.dimension)
+    assert fitted.tracker.names[-1] == "projector.layers.3"
+
+
+def test_scores_are_inner_products_and_self_influence_is_the_diagonal(fitted, digits):
+    w = fitted.embed(digits[:30])
+    scores = influence(w, w)
+    torch.testing.assert_close(torch.diagonal(scores), self_influence(w))
+    cosine = influence(w, w, normalized=True)
+    torch.testing.assert_close(torch.diagonal(cosine), torch.ones(30), rtol=1e-5, atol=1e-5)
+    proponents, opponents = top_k(cosine, 3)
+    assert (proponents[:, 0] == torch.arange(30)).all()  # each example is its own top match
+    assert (cosine.gather(1, opponents) <= cosine.gather(1, proponents[:, -1:])).all()
+
+
+def test_keys_must_match_images(fitted, digits):
+    with pytest.raises(ValueError, match="5 images but 4 keys"):
+        fitted.embed(digits[:5], ["a", "b", "c", "d"])
+
+
+def test_config_file_and_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("curvature:\n  kind: dense\nprojection:\n  dim_in: 8\n")
+    cfg = load_config(
+        InfluenceConfig, path, ["projection.dim_out=4", "augment.crop_scale=[0.5, 1]"]
+    )
+    assert cfg.curvature.kind == "dense"
+    assert (cfg.projection.dim_in, cfg.projection.dim_out) == (8, 4)
+    assert cfg.augment.crop_scale == (0.5, 1.0)
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_config(InfluenceConfig, None, ["projection.dims=3"])
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    config = load_config(
+        DemoConfig,
+        None,
+        [
+            f"out={tmp_path}",
+            "num_train=150",
+            "num_outliers=4",
+            "train.steps=3",
+            "train.batch_size=32",
+        ],
+    )
+    summary = run_demo(config)
+    assert summary["examples"] == 154
+    assert len(summary["queries"]) == 3
+    assert all(len(q["proponents"]) == 5 for q in summary["queries"])
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["dimension"] == summary["dimension"] > 0
+    assert (tmp_path / "factors.safetensors").stat().st_size > 0
+    assert (tmp_path / "encoder.safetensors").stat().st_size > 0
