@@ -32,7 +32,7 @@ case "$cmd" in
     demo) setup; exec "$VENV/bin/influence-ssl" demo "$@" ;;
     test)
         setup
-        "$VENV/bin/ruff" check pipeline jobs tests benchmarks
+        "$VENV/bin/ruff" check .
         exec "$VENV/bin/python" -m pytest -q "$@"
         ;;
     *) echo "usage: bash dev.sh {demo|test|setup} [args]" >&2; exit 2 ;;

@@ -20,6 +20,7 @@ from skimage import color, data
 from pipeline.augment import (
     ViewGenerator,
     ViewParams,
+    _image_mean,
     apply_views,
     blur_kernel_size,
     resize_to_square,
@@ -110,8 +111,6 @@ def test_views_independent_of_batch(kind: str, rgb_batch, digits) -> None:
 def test_contrast_mean_is_exact_for_any_batch(astronaut) -> None:
     # A float mean of one 224x224 image alone vs inside a batch of 128 differs in the last
     # bits (torch splits the reduction over threads differently); the exact sum must not.
-    from pipeline.augment import _image_mean
-
     big = F.interpolate(astronaut[None, :1], size=224, mode="bilinear")
     batch = torch.cat(
         [big, torch.rand(127, 1, 224, 224, generator=torch.Generator().manual_seed(0))]

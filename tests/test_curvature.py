@@ -159,7 +159,7 @@ def test_factors_round_trip_and_refuse_other_projection(tmp_path, digits, mixed_
     torch.testing.assert_close(loaded.embed(digits[:10]), engine.embed(digits[:10]))
     other = config("ekfac", projection=True)
     other.projection.dim_in = 5
-    with pytest.raises(ValueError, match="other layers/projection"):
+    with pytest.raises(ValueError, match="other layers, projection"):
         InfluenceSSL(mixed_net, other).load_factors(path)
     with pytest.raises(RuntimeError, match="not fitted"):
         InfluenceSSL(mixed_net, config("ekfac")).embed(digits[:4])

@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.augment import ViewGenerator
@@ -131,7 +131,14 @@ class InfluenceSSL:
     # -- embedding -------------------------------------------------------------------------
 
     def embed_batch(self, images: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
-        return self.curvature.whiten(self.project(images, keys).gradients())
+        return self.embed_batch_with_loss(images, keys)[0]
+
+    def embed_batch_with_loss(
+        self, images: torch.Tensor, keys: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """w(x) [B, D] and the consistency loss l(x) [B] of one batch."""
+        batch, losses = self.project_views(self.make_views(images, keys))
+        return self.curvature.whiten(batch.gradients()), losses
 
     def embed(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
         """w(x) for every image, [N, D] float32 on the CPU."""
@@ -146,7 +153,7 @@ class InfluenceSSL:
     def dimension(self) -> int:
         return self.curvature.dimension
 
-    # -- factors on disk (safetensors, no pickle) -------------------------------------------
+    # -- factors as safetensors bytes (no pickle) ---------------------------------------------
 
     def factors_metadata(self) -> dict[str, str]:
         return {
@@ -154,26 +161,45 @@ class InfluenceSSL:
             "curvature": self.curvature.kind,
             "completed": json.dumps(self.curvature.completed),
             "layers": json.dumps([layer.describe() for layer in self.tracker.layers]),
-            "config": json.dumps(to_dict(self.config)),
+            "projection": json.dumps(to_dict(self.config.projection)),
         }
 
-    def save_factors(self, path: str | Path) -> None:
+    def factors_bytes(self) -> bytes:
         tensors = {k: v.contiguous().cpu() for k, v in self.curvature.state_dict().items()}
-        save_file(tensors, str(path), metadata=self.factors_metadata())
+        return safetensors.torch.save(tensors, metadata=self.factors_metadata())
+
+    def load_factors_bytes(self, data: bytes, source: str = "factors") -> InfluenceSSL:
+        metadata = safetensors_metadata(data)
+        if metadata.get("format") != FACTORS_FORMAT:
+            raise ValueError(f"{source} is not an influence-ssl factors file")
+        ours = self.factors_metadata()
+        mismatched = [
+            field
+            for field in ("curvature", "layers", "projection")
+            if metadata.get(field) != ours[field]
+        ]
+        if mismatched:
+            raise ValueError(
+                f"factors in {source} were fitted with other {', '.join(mismatched)} than this "
+                f"engine (curvature {self.curvature.kind!r})"
+            )
+        self.curvature.load_state_dict(
+            safetensors.torch.load(data), json.loads(metadata["completed"])
+        )
+        return self
+
+    def save_factors(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.factors_bytes())
 
     def load_factors(self, path: str | Path) -> InfluenceSSL:
-        from safetensors import safe_open
+        return self.load_factors_bytes(Path(path).read_bytes(), str(path))
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        if metadata.get("format") != FACTORS_FORMAT:
-            raise ValueError(f"{path} is not an influence-ssl factors file")
-        ours = json.loads(self.factors_metadata()["layers"])
-        theirs = json.loads(metadata["layers"])
-        if metadata["curvature"] != self.curvature.kind or ours != theirs:
-            raise ValueError(
-                f"factors in {path} were fitted for curvature {metadata['curvature']!r} on "
-                f"other layers/projection than this engine ({self.curvature.kind!r})"
-            )
-        self.curvature.load_state_dict(load_file(str(path)), json.loads(metadata["completed"]))
-        return self
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors blob (an 8-byte length, then a JSON header)."""
+    if len(data) < 8:
+        raise ValueError("not a safetensors blob: too short")
+    length = int.from_bytes(data[:8], "little")
+    if length > len(data) - 8:
+        raise ValueError("not a safetensors blob: header length out of range")
+    return json.loads(data[8 : 8 + length]).get("__metadata__", {})
