@@ -10,6 +10,8 @@ from pipeline.config import load_config
 
 VERBS = {
     "demo": "the whole method on bundled real digits: train an SSL encoder, fit, embed, score",
+    "fit": "stream a sample of shards; fit the projected curvature; write factors and manifest",
+    "build": "stream every shard; write one index part (and marker) per shard",
 }
 
 
@@ -30,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override one setting, e.g. --set influence.curvature.kind=dense",
         )
-        command.add_argument("--out", help="output folder (shortcut for --set out=...)")
+        command.add_argument("--out", help="output folder or s3:// URI (shortcut for --set)")
+        if verb != "demo":
+            command.add_argument(
+                "--shards", nargs="+", help="input shards: paths, globs, {a..b}, s3://prefix/"
+            )
         command.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -41,12 +47,32 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
     if args.verb == "demo":
         from pipeline.demo import DemoConfig, run_demo
 
+        overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
         run_demo(load_config(DemoConfig, args.config, overrides))
-    return 0
+        return 0
+    return run_pipeline_verb(args)
+
+
+def run_pipeline_verb(args: argparse.Namespace) -> int:
+    from pipeline.config import PipelineConfig
+
+    config = load_config(PipelineConfig, args.config, list(args.overrides))
+    if args.out:
+        config.output = args.out
+    if args.shards:
+        config.input.shards = list(args.shards)
+    if args.verb == "fit":
+        from pipeline.fit import run_fit
+
+        run_fit(config)
+        return 0
+    from pipeline.build import run_build
+
+    summary = run_build(config)
+    return 1 if summary["failed"] or summary["shards_missing"] else 0
 
 
 if __name__ == "__main__":

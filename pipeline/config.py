@@ -175,3 +175,54 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         data = loaded
     data = apply_overrides(data, overrides or [])
     return from_dict(cls, data)
+
+
+@dataclass
+class InputConfig:
+    """Where the examples come from and how they are decoded for batching."""
+
+    # Shard specs: local paths, globs, brace patterns, s3://bucket/prefix/ listings.
+    shards: list[str] = field(default_factory=list)
+    side: int = 0  # decode resolution (shorter side, centre crop); 0: augment.size
+    max_pixels: int = 64_000_000  # images larger than this are skipped, not decoded
+
+
+@dataclass
+class FitConfig:
+    """Which sample of the corpus the curvature is fitted on."""
+
+    max_shards: int = 0  # 0: every shard; else a seeded sample of this many shards
+    max_examples_per_shard: int = 0  # 0: all
+    seed: int = 0
+
+
+@dataclass
+class RuntimeConfig:
+    """Ray: where to run and how many workers."""
+
+    address: str | None = None  # None: $RAY_ADDRESS if set, else an embedded local Ray
+    num_workers: int = 0  # 0: one per GPU where there are GPUs, else one CPU worker
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = -1.0  # -1: 1 where the cluster has GPUs, else 0
+    max_retries: int = 2  # attempts per shard after the first, before it is marked failed
+    queue_depth: int = 2  # shards handed to a worker at once (one runs, the rest wait ready)
+    decode_threads: int = 2
+    temp_dir: str | None = None  # embedded Ray's session folder (default: a per-user /tmp one)
+
+
+@dataclass
+class IndexConfig:
+    vector_dtype: str = "float32"  # "float32" or "float16" for the stored w
+
+
+@dataclass
+class PipelineConfig:
+    """A whole job: input shards -> factors and an index under `output`."""
+
+    output: str = "runs/index"  # a local folder or s3://bucket/prefix
+    input: InputConfig = field(default_factory=InputConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    overwrite: bool = False  # replace an index built with other settings

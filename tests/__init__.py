@@ -1,1 +1,1 @@
-"""Test suite (a package, so helpers import as tests.<module> even beside a stray site-packages `tests`)."""
+"""Test suite: a package, so `tests.<module>` imports survive a stray site-packages `tests`."""

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
-from torch import nn
+
+from pipeline.models import MixedNet
+from tests.s3server import s3_endpoint  # noqa
+
+# Before Ray is imported anywhere: keep Ray's own idea of "this node" on loopback, so that
+# joining 127.0.0.1 is not rewritten to the machine's external address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# This session's own Ray auth token, shared with the head and job submissions it starts
+# (never the user's ~/.ray token, which another run may rewrite).
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 @pytest.fixture(scope="session")
@@ -18,24 +37,114 @@ def digits() -> torch.Tensor:
     return torch.from_numpy(images[picks].reshape(-1, 1, 28, 28) / 255.0).float()
 
 
-class MixedNet(nn.Module):
-    """Conv2d (stride, padding, bias / no bias) and Linear (bias / no bias), ~350 params."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 3, 3, stride=2, padding=1, bias=True)
-        self.conv2 = nn.Conv2d(3, 4, 3, stride=1, padding=0, bias=False)
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.fc1 = nn.Linear(16, 8, bias=True)
-        self.fc2 = nn.Linear(8, 6, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv1(x))
-        x = self.pool(torch.relu(self.conv2(x))).flatten(1)
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
 @pytest.fixture
 def mixed_net() -> MixedNet:
     torch.manual_seed(0)
     return MixedNet().eval()
+
+
+@dataclass
+class RayCluster:
+    address: str  # GCS address for ray.init / runtime.address
+    dashboard: str  # http://127.0.0.1:PORT for `ray job submit`
+    env: dict[str, str]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One Ray head for the whole session (`ray start --head --block` on loopback).
+
+    The same head serves the pipeline tests (as a cluster address) and `ray job submit`.
+    Run blocking as a child, so teardown stops this head alone, never another session's.
+    """
+    import ray
+
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    # Every port explicit: a second Ray on this machine (another test run) must not collide.
+    ports = {
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--ray-client-server-port": free_port(),
+    }
+    temp_dir = f"/tmp/issl-ray-test-{os.getpid()}"
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--num-cpus",
+            "2",
+            "--temp-dir",
+            temp_dir,
+            "--disable-usage-stats",
+            *[str(part) for item in ports.items() for part in item],
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env)
+    try:
+        wait_for_port(port, head)
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray head did not listen on 127.0.0.1:{port} in {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def digit_shards(tmp_path_factory, digits):
+    """Real MNIST digits as 4 WebDataset shards of 60 (PNG, cls, json metadata)."""
+    from pipeline.data import write_shards
+
+    folder = tmp_path_factory.mktemp("shards")
+    samples = [
+        (
+            f"d{i:04d}",
+            (digits[i, 0].numpy() * 255).round().astype(np.uint8),
+            {"cls": i // 60, "source": "mnist"},
+        )
+        for i in range(240)
+    ]
+    urls = write_shards(str(folder), samples, per_shard=60, prefix="digits")
+    return folder, urls

@@ -19,6 +19,7 @@ from pipeline.influence.exact import damped_inverse_scores, exact_gradients
 from pipeline.influence.scoring import influence
 from pipeline.influence.statistics import Statistics
 from pipeline.influence.tracker import LayerRows
+from pipeline.models import MixedNet
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 
@@ -37,8 +38,6 @@ def config(kind: str, projection: bool = False) -> InfluenceConfig:
 @pytest.fixture(scope="module")
 def exact_setup(digits):
     """Exact per-example gradients of MixedNet (~320 params) on 500 train + 40 query digits."""
-    from tests.conftest import MixedNet
-
     torch.manual_seed(0)
     model = MixedNet().eval()
     train, query = digits[:500], digits[500:540]

@@ -12,7 +12,7 @@ from .loading import (
 )
 from .registry import BUILTIN_ARCHS, build_backbone, build_encoder, import_factory, model_identity
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
-from .small import SmallCNN, TinyCNN
+from .small import MixedNet, SmallCNN, TinyCNN
 
 __all__ = [
     "BUILTIN_ARCHS",
@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "Encoder",
     "LoadReport",
+    "MixedNet",
     "OpenURI",
     "ProjectorMLP",
     "ResNet",

@@ -52,3 +52,25 @@ class TinyCNN(nn.Module):
         x = self.relu(self.conv1(x))
         x = self.relu(self.conv2(x))
         return torch.flatten(self.pool(x), 1)
+
+
+class MixedNet(nn.Module):
+    """Every layer variant the gradient maths handles, in ~320 parameters (1-channel input).
+
+    Conv2d with stride, padding and bias; Conv2d without bias; Linear with and without bias.
+    Small enough for exact per-example gradients and dense Fisher inverses in tests and in
+    the agreement benchmarks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, stride=2, padding=1, bias=True)
+        self.conv2 = nn.Conv2d(3, 4, 3, stride=1, padding=0, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1 = nn.Linear(16, 8, bias=True)
+        self.fc2 = nn.Linear(8, 6, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = self.pool(torch.relu(self.conv2(x))).flatten(1)
+        return self.fc2(torch.tanh(self.fc1(x)))

@@ -1,0 +1,380 @@
+"""Cost of embedding: examples/s of w(x) relative to a plain forward+backward.
+
+For each setting the same pre-generated views go through
+
+* baseline: a standard training-style step without the optimiser: parameters require grad,
+  `consistency_loss(encoder(views)).sum().backward()` computes every weight gradient (eval
+  mode, as the engine, so BatchNorm does the same arithmetic);
+* embed: what `InfluenceSSL.embed_batch` does after `make_views`: the hooked backward with
+  frozen parameters, per-example projected gradients, whitening (default EK-FAC, 16x16
+  projection per layer; identity curvature, i.e. no whitening; and dense_all), `.float()`.
+
+View generation is timed on its own and excluded from both. ratio = examples/s of embed /
+examples/s of baseline (the target is >= 0.8). Each variant is warmed up, then the variants
+are timed round-robin (so load from other processes hits them alike) and the median is kept.
+
+Run from the repository root: `python benchmarks/cost.py` (about 4 minutes on 2 CPU cores).
+Writes `benchmarks/results/cost.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import (
+    AugmentConfig,
+    CurvatureConfig,
+    InfluenceConfig,
+    LossConfig,
+    ModelConfig,
+    ProjectionConfig,
+)
+from pipeline.demo import load_digits
+from pipeline.influence.curvature import ProjectedBatch
+from pipeline.influence.engine import InfluenceSSL, default_keys, frozen_parameters
+from pipeline.influence.loss import consistency_loss
+from pipeline.models import build_encoder
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Setting:
+    name: str
+    model: ModelConfig
+    size: int  # view side
+    batch: int
+    pairs: int
+    grayscale: bool  # digits: no colour augmentations
+    reps: int
+    dense_all: bool = False  # also time embedding with the dense_all curvature
+
+
+SETTINGS = {
+    "small_cnn": Setting(
+        "SmallCNN(width=16) + projector [64, 32], 1x28x28 digits",
+        ModelConfig(
+            arch="small_cnn",
+            in_channels=1,
+            projector_dims=[64, 32],
+            kwargs={"width": 16, "out_dim": 64},
+        ),
+        size=28,
+        batch=64,
+        pairs=2,
+        grayscale=True,
+        reps=41,
+        dense_all=True,
+    ),
+    "resnet18_32": Setting(
+        "ResNet-18 (small_input), 3x32x32 photo crops",
+        ModelConfig(arch="resnet18", in_channels=3, kwargs={"small_input": True}),
+        size=32,
+        batch=32,
+        pairs=1,
+        grayscale=False,
+        reps=5,
+        dense_all=True,
+    ),
+    "resnet18_64": Setting(
+        "ResNet-18 (small_input), 3x64x64 photo crops",
+        ModelConfig(arch="resnet18", in_channels=3, kwargs={"small_input": True}),
+        size=64,
+        batch=32,
+        pairs=1,
+        grayscale=False,
+        reps=3,
+    ),
+}
+
+
+def augment(setting: Setting) -> AugmentConfig:
+    if setting.grayscale:
+        return AugmentConfig(
+            size=setting.size,
+            crop_scale=(0.6, 1.0),
+            flip_p=0.0,
+            saturation=0.0,
+            hue=0.0,
+            grayscale_p=0.0,
+        )
+    return AugmentConfig(size=setting.size)
+
+
+def engine_config(setting: Setting, kind: str) -> InfluenceConfig:
+    return InfluenceConfig(
+        model=setting.model,
+        augment=augment(setting),
+        loss=LossConfig(num_pairs=setting.pairs),
+        projection=ProjectionConfig(),  # the default: 16 x 16 per layer
+        curvature=CurvatureConfig(kind=kind),
+        batch_size=setting.batch,
+        device="cpu",
+    )
+
+
+def photo_crops(side: int, count: int) -> torch.Tensor:
+    """[count, 3, side, side] tiles of scikit-image's bundled photographs, each photo first
+    shrunk (antialiased) so that its short side holds four tiles."""
+    from skimage import data
+
+    tiles = []
+    for photo in (data.astronaut(), data.chelsea(), data.coffee(), data.rocket()):
+        x = torch.from_numpy(photo).permute(2, 0, 1).float()[None] / 255.0
+        scale = 4 * side / min(x.shape[-2:])
+        x = F.interpolate(x, scale_factor=scale, mode="bilinear", antialias=True)[0]
+        rows, cols = x.shape[1] // side, x.shape[2] // side
+        for r in range(rows):
+            for c in range(cols):
+                tiles.append(x[:, r * side : (r + 1) * side, c * side : (c + 1) * side])
+    tiles = torch.stack(tiles).clamp(0, 1)
+    return tiles[torch.arange(count) % len(tiles)]
+
+
+def images_for(setting: Setting) -> torch.Tensor:
+    count = 4 * setting.batch
+    if setting.grayscale:
+        return load_digits(count, 0)[0]
+    return photo_crops(setting.size, count)
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+def round_robin(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each fn: one warm-up each, then `reps` rounds over all of them."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            tic = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure(setting: Setting, profile: bool) -> tuple[dict[str, float], str | None]:
+    torch.manual_seed(0)
+    encoder = build_encoder(setting.model).eval()
+    images = images_for(setting)
+    keys = default_keys(len(images))
+    ekfac = InfluenceSSL(encoder, engine_config(setting, "ekfac")).fit(images, keys)
+    identity = InfluenceSSL(encoder, engine_config(setting, "identity"))
+    dense_all = None
+    if setting.dense_all:
+        dense_all = InfluenceSSL(encoder, engine_config(setting, "dense_all")).fit(images, keys)
+    batch_images, batch_keys = images[: setting.batch], keys[: setting.batch]
+    views = ekfac.make_views(batch_images, batch_keys)
+    b, v = views.shape[:2]
+
+    def loss_of(x: torch.Tensor) -> torch.Tensor:
+        return consistency_loss(encoder(x).reshape(b, v, -1)).sum()
+
+    def baseline_forward() -> None:
+        loss_of(views.flatten(0, 1))
+
+    def baseline() -> None:
+        loss_of(views.flatten(0, 1)).backward()
+        encoder.zero_grad(set_to_none=True)
+
+    def frozen(hooks: bool, backward: bool) -> Callable[[], None]:
+        def fn() -> None:
+            with frozen_parameters(encoder), torch.enable_grad():
+                x = views.flatten(0, 1).detach().requires_grad_(True)
+                if hooks:
+                    with ekfac.tracker.capture():
+                        loss = loss_of(x)
+                        if backward:
+                            loss.backward()
+                else:
+                    loss = loss_of(x)
+                    if backward:
+                        loss.backward()
+
+        return fn
+
+    def embed(engine: InfluenceSSL) -> Callable[[], torch.Tensor]:
+        return lambda: engine.curvature.whiten(engine.project_views(views)[0].gradients()).float()
+
+    rows = ekfac.project_views(views)[0].rows
+    gradients = ProjectedBatch(rows=rows).gradients()
+    encoder.requires_grad_(True)
+    seconds = round_robin(
+        {
+            "views": lambda: ekfac.make_views(batch_images, batch_keys),
+            "baseline_forward": baseline_forward,
+            "baseline": baseline,
+            "frozen_forward": frozen(hooks=False, backward=False),
+            "frozen": frozen(hooks=False, backward=True),
+            "hooked_forward": frozen(hooks=True, backward=False),
+            "project": lambda: ekfac.project_views(views),
+            "gradients": lambda: ProjectedBatch(rows=rows).gradients(),
+            "whiten": lambda: ekfac.curvature.whiten(gradients),
+            "embed_ekfac": embed(ekfac),
+            "embed_identity": embed(identity),
+            **({"embed_dense_all": embed(dense_all)} if dense_all else {}),
+        },
+        setting.reps,
+    )
+    seconds["dimension"] = ekfac.dimension
+    seconds["layers"] = len(ekfac.tracker.layers)
+    seconds["parameters"] = sum(p.numel() for p in encoder.parameters())
+    seconds["batch"] = b
+    table = None
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                embed(ekfac)()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return seconds, table
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def summary_row(name: str, s: dict[str, float]) -> list[str]:
+    rate = s["batch"] / s["baseline"]
+    return [
+        name,
+        f"{s['parameters'] / 1e6:.2f}M" if s["parameters"] > 1e5 else f"{s['parameters']:.0f}",
+        f"{s['batch']:.0f}",
+        f"{s['dimension']:.0f}",
+        f"{rate:.0f}",
+        f"{s['batch'] / s['embed_ekfac']:.0f}",
+        f"**{s['baseline'] / s['embed_ekfac']:.2f}**",
+        f"{s['batch'] / s['embed_identity']:.0f}",
+        f"{s['baseline'] / s['embed_identity']:.2f}",
+        f"{s['baseline'] / s['embed_dense_all']:.2f}" if "embed_dense_all" in s else "-",
+        f"{s['batch'] / s['views']:.0f}",
+    ]
+
+
+def breakdown_rows(name: str, s: dict[str, float]) -> list[list[str]]:
+    """Milliseconds per batch of each stage, and its share of the EK-FAC embed."""
+    total = s["embed_ekfac"]
+    frozen_backward = s["frozen"] - s["frozen_forward"]
+    hooks_forward = s["hooked_forward"] - s["frozen_forward"]
+    parts = [
+        ("baseline forward (+loss), params require grad", s["baseline_forward"], False),
+        ("baseline backward (input + weight grads)", s["baseline"] - s["baseline_forward"], False),
+        ("embed: forward, frozen params, no hooks", s["frozen_forward"], True),
+        ("embed: input projections in forward hooks", hooks_forward, True),
+        ("embed: backward, no weight grads, no hooks", frozen_backward, True),
+        (
+            "embed: output-grad projections + row capture",
+            s["project"] - s["hooked_forward"] - frozen_backward,
+            True,
+        ),
+        ("embed: per-example gradients (einsum)", s["gradients"], True),
+        ("embed: EK-FAC whitening", s["whiten"], True),
+        (
+            "embed: unaccounted (sum of parts vs measured)",
+            total - s["project"] - s["gradients"] - s["whiten"],
+            True,
+        ),
+        ("embed total (measured)", total, True),
+        ("view generation (excluded from both)", s["views"], False),
+    ]
+    return [
+        [name, label, f"{1e3 * t:.1f}", f"{100 * t / total:.0f}%" if share else ""]
+        for label, t, share in parts
+    ]
+
+
+def table(header: list[str], rows: list[list[str]], align: str) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def report(results: dict, profile: str | None, args: argparse.Namespace) -> str:
+    command = "python benchmarks/cost.py"
+    if vars(args) != vars(parse_args([])):
+        command += (
+            f" --settings {' '.join(args.settings)} --threads {args.threads}"
+            f" --profile {args.profile}"
+        )
+    summary = table(
+        [
+            "setting",
+            "params",
+            "batch",
+            "D",
+            "baseline ex/s",
+            "embed ekfac ex/s",
+            "ratio ekfac",
+            "embed identity ex/s",
+            "ratio identity",
+            "ratio dense_all",
+            "views ex/s",
+        ],
+        [summary_row(SETTINGS[k].name, s) for k, s in results.items()],
+        ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"],
+    )
+    breakdown = table(
+        ["setting", "stage", "ms / batch", "share of embed"],
+        [row for k, s in results.items() for row in breakdown_rows(k, s)],
+        ["---", "---", "---:", "---:"],
+    )
+    text = (
+        f"# Cost of embedding vs a plain forward+backward\n\nReproduce (repository root, venv "
+        f"active): `{command}`\n\n{torch.__version__}, {args.threads} CPU threads, float32. "
+        "Default engine: EK-FAC, 16 x 16 projection on every Linear/Conv2d layer, cosine "
+        "consistency loss. Same views and batch for both sides; view generation is timed "
+        "separately and excluded from both. Median of round-robin repetitions after a "
+        "warm-up. `batch` counts examples (each has 2K views). ratio = embed ex/s / "
+        f"baseline ex/s (target >= 0.8).\n\n{summary}\n## Where the time goes\n\n"
+        "Stages are differences of separately timed runs (so small ones are noisy); shares "
+        f"are of the EK-FAC embed.\n\n{breakdown}"
+    )
+    if profile:
+        text += (
+            f"\n## torch.profiler, 2 EK-FAC embed batches of {args.profile}, top ops by self "
+            f"CPU time\n\n```\n{profile}```\n"
+        )
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", default="resnet18_32", help="setting to profile")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    results, profile = {}, None
+    for key in args.settings:
+        tic = time.perf_counter()
+        results[key], table_text = measure(SETTINGS[key], profile=key == args.profile)
+        profile = table_text or profile
+        s = results[key]
+        print(
+            f"{key}: baseline {1e3 * s['baseline']:.0f} ms, embed ekfac "
+            f"{1e3 * s['embed_ekfac']:.0f} ms, identity {1e3 * s['embed_identity']:.0f} ms, "
+            f"ratio {s['baseline'] / s['embed_ekfac']:.2f} ({time.perf_counter() - tic:.0f}s)",
+            flush=True,
+        )
+    text = report(results, profile, args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cost.md").write_text(text)
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

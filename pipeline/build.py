@@ -1,0 +1,112 @@
+"""`build`: stream every shard once into w(x) and s(x); one Parquet part + marker per shard.
+
+A shard with a marker is finished and skipped, so a rerun after a crash processes only what
+is missing and the final index equals a clean run's. The manifest and the merged run
+statistics are rewritten from the markers at the end of every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from pipeline.config import PipelineConfig
+from pipeline.data import ReadStats, shard_id
+from pipeline.fit import Driver, totals
+from pipeline.index.layout import FACTORS, SUMMARY
+from pipeline.index.manifest import check_compatible, read_manifest, write_manifest
+from pipeline.index.parts import read_marker
+from pipeline.runtime.pool import Task, WorkerPool, connect
+from pipeline.runtime.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def run_build(config: PipelineConfig) -> dict:
+    driver = Driver(config)
+    manifest = read_manifest(driver.output)
+    if manifest is None or not manifest.get("factors"):
+        raise FileNotFoundError(
+            f"no fitted factors under {driver.output.uri}: run `influence-ssl fit` first"
+        )
+    check_compatible(manifest, driver.fingerprint, "build into this index")
+    shards = list(dict.fromkeys(driver.shards))
+    todo = [url for url in shards if read_marker(driver.output, shard_id(url)) is None]
+    print(
+        f"build: {len(shards) - len(todo)} of {len(shards)} shards already done, "
+        f"{len(todo)} to process",
+        flush=True,
+    )
+    progress = Progress("build", len(todo))
+    failures: list[dict] = []
+    if todo:
+        connect(config.runtime)
+        pool = WorkerPool(config)
+        try:
+            pool.broadcast("load_factors")
+            outcome = pool.run(
+                [Task("build_shard", (url,), url) for url in todo],
+                lambda task, marker: progress.update(marker["examples"]),
+            )
+        finally:
+            pool.shutdown()
+        failures = [{"shard": task.label, "error": error} for task, error in outcome.failures]
+    summary = summarise(driver.output, shards, failures, progress.rate if todo else 0.0)
+    manifest["shards"] = summary.pop("shards")
+    manifest["stats"] = summary
+    write_manifest(driver.output, manifest)
+    driver.output.write_bytes(SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode())
+    print_summary(summary, driver.output.uri)
+    return summary
+
+
+def summarise(storage, shards: list[str], failures: list[dict], rate: float) -> dict:
+    """Merged statistics over every finished shard's marker; failures and missing listed."""
+    read, entries, missing = ReadStats(), [], []
+    seconds = 0.0
+    for url in shards:
+        marker = read_marker(storage, shard_id(url))
+        if marker is None:
+            missing.append(url)
+            continue
+        read = read + ReadStats.from_dict(marker["read"])
+        digest = marker["read"].get("shards", {}).get(url, {})
+        seconds += marker["seconds"]
+        entries.append(
+            {
+                "url": url,
+                "id": marker["shard_id"],
+                "examples": marker["examples"],
+                "part": marker["part"],
+                "part_sha256": marker["part_sha256"],
+                "shard_sha256": digest.get("sha256"),
+                "shard_bytes": digest.get("size"),
+                "shard_complete": digest.get("complete"),
+            }
+        )
+    examples = sum(e["examples"] for e in entries)
+    return {
+        "shards": entries,
+        "shards_done": len(entries),
+        "shards_total": len(shards),
+        "shards_missing": missing,
+        "failed": failures,
+        "examples": examples,
+        "read": totals(read),
+        "worker_seconds": round(seconds, 3),
+        "examples_per_worker_second": round(examples / seconds, 2) if seconds else 0.0,
+        "examples_per_second_this_run": round(rate, 2),
+        "factors": FACTORS,
+    }
+
+
+def print_summary(summary: dict, uri: str) -> None:
+    skipped = summary["read"].get("skipped", {})
+    print(
+        f"index at {uri}: {summary['examples']:,} examples in {summary['shards_done']}/"
+        f"{summary['shards_total']} shards; skipped {sum(skipped.values())} "
+        f"{dict(skipped) if skipped else ''}".rstrip(),
+        flush=True,
+    )
+    for failure in summary["failed"]:
+        print(f"FAILED {failure['shard']}: {failure['error']}", flush=True)

@@ -1,0 +1,93 @@
+"""One Parquet part per input shard; readable with pyarrow alone."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.index.layout import marker_path, part_path
+
+VECTOR_DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
+
+
+def part_table(
+    keys: list[str],
+    shard: str,
+    w: np.ndarray,
+    self_influence: np.ndarray,
+    loss: np.ndarray,
+    cls: list[int | None],
+    metadata: list[dict],
+    vector_dtype: str = "float32",
+) -> pa.Table:
+    """Rows of one shard: key, shard, self_influence, loss, w (fixed-size list), cls, metadata."""
+    if vector_dtype not in VECTOR_DTYPES:
+        raise ValueError(f"vector_dtype must be one of {sorted(VECTOR_DTYPES)}")
+    np_type, pa_type = VECTOR_DTYPES[vector_dtype]
+    dim = w.shape[1] if w.ndim == 2 else 0
+    flat = pa.array(np.ascontiguousarray(w, dtype=np_type).reshape(-1), type=pa_type)
+    return pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "shard": pa.array([shard] * len(keys), pa.string()),
+            "self_influence": pa.array(np.asarray(self_influence, np.float32)),
+            "loss": pa.array(np.asarray(loss, np.float32)),
+            "w": pa.FixedSizeListArray.from_arrays(flat, dim),
+            "cls": pa.array(cls, pa.int64()),
+            "metadata": pa.array([json.dumps(m, sort_keys=True) for m in metadata], pa.string()),
+        }
+    )
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def publish_part(storage, shard_id: str, table: pa.Table, record: dict) -> dict:
+    """Write the part, then its marker (never the other way round); returns the marker."""
+    data = table_bytes(table)
+    storage.write_bytes(part_path(shard_id), data)
+    marker = {
+        **record,
+        "part": part_path(shard_id),
+        "rows": table.num_rows,
+        "part_bytes": len(data),
+        "part_sha256": hashlib.sha256(data).hexdigest(),
+    }
+    storage.write_bytes(marker_path(shard_id), json.dumps(marker, sort_keys=True).encode())
+    return marker
+
+
+def read_marker(storage, shard_id: str) -> dict | None:
+    path = marker_path(shard_id)
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+
+
+def read_part(storage, shard_id: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(part_path(shard_id))))
+
+
+def read_parts(storage, shard_ids: list[str], columns: list[str] | None = None) -> pa.Table:
+    """Concatenate the parts of finished shards (marker present) in the given order."""
+    tables = [
+        pq.read_table(io.BytesIO(storage.read_bytes(part_path(s))), columns=columns)
+        for s in shard_ids
+        if storage.exists(marker_path(s))
+    ]
+    if not tables:
+        raise ValueError(f"no finished parts under {storage.uri}: is the index built?")
+    return pa.concat_tables(tables)
+
+
+def vectors(table: pa.Table) -> np.ndarray:
+    """The `w` column as a dense [N, D] array (float32 or float16 as stored)."""
+    column = table.column("w").combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)

@@ -1,0 +1,150 @@
+"""The thin Ray layer: connect, start worker actors, hand out shards, survive failures.
+
+Shards are dispatched dynamically: each actor holds at most `queue_depth` shards (one
+running, the rest ready to start at once), and the next goes to whichever actor frees up
+first, so a slow shard never stalls the rest. An actor that dies is replaced (and given the
+same setup calls again); its shards go back to the queue. A shard that fails is retried up to
+`max_retries` times, then recorded as failed while the rest completes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from pipeline.config import PipelineConfig, RuntimeConfig, to_dict
+from pipeline.runtime.worker import ShardWorker
+
+log = logging.getLogger(__name__)
+
+
+def connect(runtime: RuntimeConfig) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    address = runtime.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    temp_dir = runtime.temp_dir or os.path.join(tempfile.gettempdir(), f"issl-ray-{os.getuid()}")
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
+        log_to_driver=True,
+    )
+
+
+def worker_resources(runtime: RuntimeConfig) -> tuple[int, dict[str, float]]:
+    """How many workers and what each asks Ray for."""
+    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = runtime.gpus_per_worker if runtime.gpus_per_worker >= 0 else (1 if cluster_gpus else 0)
+    count = runtime.num_workers or (max(1, int(cluster_gpus // gpus)) if gpus else 1)
+    return count, {"num_cpus": runtime.cpus_per_worker, "num_gpus": gpus}
+
+
+@dataclass
+class Task:
+    method: str
+    args: tuple
+    label: str
+    attempts: int = 0
+
+
+@dataclass
+class Outcome:
+    results: list[tuple[Task, Any]] = field(default_factory=list)
+    failures: list[tuple[Task, str]] = field(default_factory=list)
+    restarts: int = 0
+
+
+class WorkerPool:
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.runtime = config.runtime
+        count, self.resources = worker_resources(self.runtime)
+        self.actor_class = ray.remote(ShardWorker).options(max_restarts=0, **self.resources)
+        self.setup_calls: list[tuple[str, tuple]] = []
+        self.actors = [self._start() for _ in range(count)]
+        log.info("started %d workers with %s", count, self.resources)
+
+    def _start(self):
+        actor = self.actor_class.remote(to_dict(self.config))
+        for method, args in self.setup_calls:
+            getattr(actor, method).remote(*args)
+        return actor
+
+    def broadcast(self, method: str, *args: Any) -> None:
+        """Call `method` on every worker now, and on every worker started later."""
+        self.setup_calls.append((method, args))
+        ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
+
+    def run(self, tasks: list[Task], on_result: Callable[[Task, Any], None]) -> Outcome:
+        """Run every task somewhere; `on_result` is called on the driver as each finishes."""
+        queue, outcome = deque(tasks), Outcome()
+        inflight: dict[ray.ObjectRef, tuple[int, Task]] = {}
+        for slot in range(len(self.actors)):
+            self._fill(slot, queue, inflight)
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            slot, task = inflight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except RayActorError as error:
+                self._replace(slot, task, inflight, queue, outcome, error)
+            except RayTaskError as error:
+                self._retry(task, queue, outcome, error)
+            else:
+                outcome.results.append((task, result))
+                on_result(task, result)
+            self._fill(slot, queue, inflight)
+        return outcome
+
+    def _fill(self, slot: int, queue: deque, inflight: dict) -> None:
+        busy = sum(1 for s, _ in inflight.values() if s == slot)
+        while queue and busy < max(1, self.runtime.queue_depth):
+            task = queue.popleft()
+            ref = getattr(self.actors[slot], task.method).remote(*task.args)
+            inflight[ref] = (slot, task)
+            busy += 1
+
+    def _replace(self, slot, task, inflight, queue, outcome, error) -> None:
+        """The actor died: start a new one; its running task counts an attempt, queued ones not."""
+        log.warning("worker %d died on %s: %s; restarting it", slot, task.label, _summary(error))
+        outcome.restarts += 1
+        stranded = [ref for ref, (s, _) in inflight.items() if s == slot]
+        for ref in stranded:
+            queue.appendleft(inflight.pop(ref)[1])
+        self._retry(task, queue, outcome, error)
+        self.actors[slot] = self._start()
+
+    def _retry(self, task: Task, queue: deque, outcome: Outcome, error: Exception) -> None:
+        task.attempts += 1
+        if task.attempts > self.runtime.max_retries:
+            log.error("giving up on %s after %d attempts: %s", task.label, task.attempts, error)
+            outcome.failures.append((task, _summary(error)))
+        else:
+            log.warning(
+                "retrying %s (attempt %d): %s", task.label, task.attempts + 1, _summary(error)
+            )
+            queue.append(task)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+def _summary(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__

@@ -1,0 +1,198 @@
+"""The work done on one shard, free of Ray: a Ray actor wraps this class, a test calls it.
+
+A worker loads the model, the projection and (for `build`) the factors once, then handles
+shards one after another: streaming the tar, decoding in a background thread so the model
+never waits on a single decoder, batching, and either accumulating curvature statistics
+(`accumulate`) or writing the shard's index part and marker (`build_shard`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.config import ModelConfig, PipelineConfig, from_dict
+from pipeline.data import ReadStats, read_shard, shard_id
+from pipeline.index.layout import FACTORS
+from pipeline.index.parts import part_table, publish_part
+from pipeline.influence.engine import InfluenceSSL
+from pipeline.influence.statistics import Statistics
+from pipeline.models import Encoder, build_encoder
+from pipeline.storage import open_storage, read_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    keys: list[str]
+    cls: list[int | None] = field(default_factory=list)
+    metadata: list[dict] = field(default_factory=list)
+
+
+def build_model(model: ModelConfig) -> Encoder:
+    """The encoder, initialised from a fixed seed before its checkpoint loads.
+
+    Every process must hold the same weights; a model without a checkpoint (tests, random
+    baselines) would otherwise differ from worker to worker.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_encoder(model, open_uri=read_uri)
+
+
+def decode_side(config: PipelineConfig) -> int:
+    return config.input.side or config.influence.augment.size
+
+
+class ShardWorker:
+    def __init__(self, config: dict) -> None:
+        self.config: PipelineConfig = from_dict(PipelineConfig, config)
+        threads = max(1, int(self.config.runtime.cpus_per_worker))
+        torch.set_num_threads(threads)
+        model = self.config.influence.model
+        self.engine = InfluenceSSL(build_model(model), self.config.influence)
+        self.output = open_storage(self.config.output)
+        self.channels = model.in_channels
+
+    # -- state shipped from the driver ------------------------------------------------------
+
+    def load_curvature(self, state: dict[str, torch.Tensor], completed: list[str]) -> None:
+        self.engine.curvature.load_state_dict(state, completed)
+        self.engine.curvature.to(self.engine.device)
+
+    def load_factors(self) -> None:
+        """The fitted factors from the output URI (written by `fit`)."""
+        data = self.output.read_bytes(FACTORS)
+        self.engine.load_factors_bytes(data, self.output.url(FACTORS))
+        self.engine.curvature.to(self.engine.device)
+
+    # -- per shard ----------------------------------------------------------------------------
+
+    def accumulate(self, pass_name: str, url: str) -> dict:
+        """Partial statistics of one curvature pass over one shard (plain tensors)."""
+        stats, read = Statistics(), ReadStats()
+        limit = self.config.fit.max_examples_per_shard
+        examples = 0
+        for batch in self.batches(url, read, limit):
+            projected = self.engine.project(batch.images, batch.keys)
+            self.engine.curvature.accumulate(pass_name, stats, projected)
+            examples += len(batch.keys)
+        return {"stats": stats.to_tensors(), "read": read.to_dict(), "examples": examples}
+
+    def build_shard(self, url: str) -> dict:
+        """Embed every example of a shard; publish its part, then its marker."""
+        started = time.perf_counter()
+        read = ReadStats()
+        rows = Rows()
+        for batch in self.batches(url, read):
+            w, loss = self.engine.embed_batch_with_loss(batch.images, batch.keys)
+            rows.add(batch, w.float().cpu(), loss.float().cpu())
+        seconds = time.perf_counter() - started
+        table = rows.table(url, self.engine.dimension, self.config.index.vector_dtype)
+        record = {
+            "shard": url,
+            "shard_id": shard_id(url),
+            "examples": table.num_rows,
+            "read": read.to_dict(),
+            "seconds": round(seconds, 3),
+            "examples_per_second": round(table.num_rows / seconds, 2) if seconds else 0.0,
+        }
+        return publish_part(self.output, shard_id(url), table, record)
+
+    def batches(self, url: str, read: ReadStats, limit: int = 0) -> Iterator[Batch]:
+        """Batches of decoded samples, decoded ahead in a background thread."""
+        samples = read_shard(
+            url, decode_side(self.config), self.channels, read, self.config.input.max_pixels
+        )
+        batch = Batch(torch.empty(0), [])
+        pending: list[torch.Tensor] = []
+        for count, sample in enumerate(
+            prefetch(samples, depth=4 * self.config.influence.batch_size)
+        ):
+            if limit and count >= limit:
+                break
+            pending.append(sample.image)
+            batch.keys.append(sample.key)
+            batch.cls.append(sample.cls)
+            batch.metadata.append(sample.metadata)
+            if len(pending) == self.config.influence.batch_size:
+                batch.images = torch.stack(pending)
+                yield batch
+                batch, pending = Batch(torch.empty(0), []), []
+        if pending:
+            batch.images = torch.stack(pending)
+            yield batch
+
+
+class Rows:
+    """Collects one shard's rows batch by batch."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.cls: list[int | None] = []
+        self.metadata: list[dict] = []
+        self.w: list[torch.Tensor] = []
+        self.loss: list[torch.Tensor] = []
+
+    def add(self, batch: Batch, w: torch.Tensor, loss: torch.Tensor) -> None:
+        self.keys += batch.keys
+        self.cls += batch.cls
+        self.metadata += batch.metadata
+        self.w.append(w)
+        self.loss.append(loss)
+
+    def table(self, url: str, dimension: int, vector_dtype: str):
+        w = torch.cat(self.w) if self.w else torch.empty(0, dimension)
+        loss = torch.cat(self.loss) if self.loss else torch.empty(0)
+        return part_table(
+            self.keys,
+            url,
+            w.numpy(),
+            w.pow(2).sum(1).numpy(),
+            loss.numpy(),
+            self.cls,
+            self.metadata,
+            vector_dtype,
+        )
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterator, depth: int) -> Iterator:
+    """Run `items` in a background thread, `depth` ahead; its exceptions surface here."""
+    buffer: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                buffer.put(item)
+            buffer.put(_DONE)
+        except BaseException as error:
+            buffer.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True, name="decode")
+    thread.start()
+    try:
+        while (item := buffer.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)

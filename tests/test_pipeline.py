@@ -1,0 +1,215 @@
+"""fit + build on a real local Ray over real tar shards, read back with plain pyarrow."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.build import run_build
+from pipeline.config import (
+    AugmentConfig,
+    InfluenceConfig,
+    LossConfig,
+    ModelConfig,
+    PipelineConfig,
+    ProjectionConfig,
+    RuntimeConfig,
+)
+from pipeline.data import decode_image
+from pipeline.fit import run_fit
+from pipeline.index.layout import FACTORS, MANIFEST
+from pipeline.index.manifest import IndexMismatchError
+from pipeline.influence.engine import InfluenceSSL
+from pipeline.models import build_encoder
+from pipeline.storage import open_storage
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    torch.manual_seed(1)
+    encoder = build_encoder(model_config(None))
+    path = tmp_path_factory.mktemp("ckpt") / "small.safetensors"
+    save_file(encoder.state_dict(), str(path))
+    return str(path)
+
+
+def model_config(checkpoint: str | None) -> ModelConfig:
+    return ModelConfig(
+        arch="small_cnn",
+        in_channels=1,
+        projector_dims=[16, 8],
+        checkpoint=checkpoint,
+        kwargs={"width": 4, "out_dim": 16},
+    )
+
+
+def pipeline_config(output, shards, checkpoint, workers=1, address=None) -> PipelineConfig:
+    config = PipelineConfig(output=str(output))
+    config.input.shards = [str(s) for s in shards]
+    config.influence = InfluenceConfig(
+        model=model_config(checkpoint),
+        augment=AugmentConfig(size=28, flip_p=0.0),
+        loss=LossConfig(num_pairs=2),
+        projection=ProjectionConfig(dim_in=8, dim_out=8),
+        batch_size=32,
+        device="cpu",
+    )
+    config.runtime = RuntimeConfig(num_workers=workers, cpus_per_worker=1, address=address)
+    return config
+
+
+def read_index(output) -> tuple[dict, pa.Table]:
+    """The manifest and all parts, with nothing but pyarrow and the storage bytes."""
+    storage = open_storage(str(output))
+    manifest = json.loads(storage.read_bytes(MANIFEST))
+    parts = [pq.read_table(io.BytesIO(storage.read_bytes(s["part"]))) for s in manifest["shards"]]
+    return manifest, pa.concat_tables(parts)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, ray_session, digit_shards, checkpoint):
+    folder, urls = digit_shards
+    output = tmp_path_factory.mktemp("index")
+    spec = [f"{folder}/digits-{{000000..000003}}.tar"]
+    config = pipeline_config(output, spec, checkpoint, address=ray_session.address)
+    run_fit(config)
+    summary = run_build(config)
+    return config, summary, output, urls
+
+
+def test_index_has_every_key_once_and_matches_in_memory_api(built, digits):
+    config, summary, output, urls = built
+    manifest, table = read_index(output)
+    keys = table.column("key").to_pylist()
+    assert sorted(keys) == [f"d{i:04d}" for i in range(240)]
+    assert summary["examples"] == 240 and summary["failed"] == []
+    assert [s["url"] for s in manifest["shards"]] == urls
+    assert table.column("cls").to_pylist() == [i // 60 for i in range(240)]
+    assert json.loads(table.column("metadata")[0].as_py()) == {"cls": 0, "source": "mnist"}
+
+    # The same examples through the in-memory API, with the factors the job wrote.
+    engine = InfluenceSSL(build_encoder(config.influence.model), config.influence)
+    engine.load_factors_bytes(open_storage(str(output)).read_bytes(FACTORS))
+    images = torch.stack([decode_image(png_bytes(digits[i]), 28, 1) for i in range(240)])
+    expected = engine.embed(images, keys=[f"d{i:04d}" for i in range(240)]).numpy()
+    w = np.stack(table.column("w").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(w, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        table.column("self_influence").to_numpy(), (expected**2).sum(1), rtol=1e-3
+    )
+    assert manifest["dimension"] == w.shape[1] == engine.dimension
+    assert manifest["factors"]["examples"] == 240
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((image[0].numpy() * 255).round().astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_rerun_after_losing_one_shard_rewrites_only_that_shard(built):
+    config, _, output, _urls = built
+    storage = open_storage(str(output))
+    markers = sorted(storage.list("markers/"))
+    before = {m: storage.read_bytes(m) for m in markers}
+    parts_before = {p: storage.read_bytes(p) for p in storage.list("parts/")}
+    lost_marker = markers[2]
+    lost_part = "parts/" + lost_marker.split("/")[1].replace(".json", ".parquet")
+    storage.delete(lost_marker)
+    storage.delete(lost_part)
+
+    summary = run_build(config)
+    assert summary["examples"] == 240
+    for marker in markers:
+        if marker != lost_marker:
+            assert storage.read_bytes(marker) == before[marker]  # untouched
+    assert storage.read_bytes(lost_part) == parts_before[lost_part]  # same bytes again
+    assert json.loads(storage.read_bytes(lost_marker))["rows"] == 60
+
+
+def test_two_workers_give_the_same_index(built, tmp_path, digit_shards, checkpoint):
+    config, _, output, urls = built
+    two = pipeline_config(tmp_path / "two", urls, checkpoint, 2, config.runtime.address)
+    run_fit(two)
+    run_build(two)
+    _, one_table = read_index(output)
+    _, two_table = read_index(tmp_path / "two")
+    assert one_table.column("key").to_pylist() == two_table.column("key").to_pylist()
+    np.testing.assert_array_equal(
+        np.stack(one_table.column("w").to_numpy(zero_copy_only=False)),
+        np.stack(two_table.column("w").to_numpy(zero_copy_only=False)),
+    )
+
+
+def test_build_refuses_an_index_fitted_with_other_settings(built):
+    config, _, output, _ = built
+    config = pipeline_config(output, config.input.shards, config.influence.model.checkpoint)
+    config.influence.projection.dim_in = 4
+    with pytest.raises(IndexMismatchError, match=r"projection\.dim_in"):
+        run_build(config)
+    with pytest.raises(IndexMismatchError, match="overwrite=true"):
+        run_fit(config)
+
+
+def test_ray_job_submit_builds_the_same_index(built, ray_session, tmp_path):
+    """`ray job submit --working-dir . -- python -m jobs.fit/build` against the test's head."""
+    import yaml
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from pipeline.config import to_dict
+
+    config, _, output, _ = built
+    submitted = pipeline_config(
+        tmp_path / "job", config.input.shards, config.influence.model.checkpoint
+    )
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(yaml.safe_dump(to_dict(submitted)))
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for verb in ("fit", "build"):
+        result = subprocess.run(
+            [
+                ray_bin,
+                "job",
+                "submit",
+                "--address",
+                ray_session.dashboard,
+                "--working-dir",
+                repo,
+                "--",
+                sys.executable,
+                "-m",
+                f"jobs.{verb}",
+                "--config",
+                str(config_path),
+            ],
+            env=ray_session.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        log = result.stdout + result.stderr
+        assert result.returncode == 0, log[-3000:]
+        job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", log).group(1)
+        status = JobSubmissionClient(ray_session.dashboard).get_job_status(job_id)
+        assert status == JobStatus.SUCCEEDED
+    _, expected = read_index(output)
+    _, table = read_index(tmp_path / "job")
+    assert table.column("key").to_pylist() == expected.column("key").to_pylist()
+    np.testing.assert_array_equal(
+        np.stack(table.column("w").to_numpy(zero_copy_only=False)),
+        np.stack(expected.column("w").to_numpy(zero_copy_only=False)),
+    )
