@@ -81,7 +81,10 @@ class ProjectionConfig:
 class CurvatureConfig:
     """How the curvature is approximated and damped."""
 
-    kind: str = "ekfac"  # "ekfac", "dense" (per layer), "dense_all" (across layers), "identity"
+    # "auto" (default): "dense_all" when the total projected dimension fits max_dense_dim,
+    # else "dense" (per layer); chosen by benchmarks/fidelity.py. Or "ekfac", "dense",
+    # "dense_all", "identity" (gradient dot product, no curvature).
+    kind: str = "auto"
     damping: float = 0.1  # a factor of mean(eigenvalues), or absolute (see damping_mode)
     damping_mode: str = "relative"  # "relative" or "absolute"
     # Largest block a dense curvature may eigendecompose (memory dim^2, time dim^3).

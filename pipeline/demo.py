@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 
 from pipeline.config import (
     AugmentConfig,
-    CurvatureConfig,
     InfluenceConfig,
     LossConfig,
     ModelConfig,
@@ -61,7 +60,6 @@ class DemoConfig:
             ),
             loss=LossConfig(num_pairs=2),
             projection=ProjectionConfig(dim_in=16, dim_out=16),
-            curvature=CurvatureConfig(kind="ekfac"),
             batch_size=64,
         )
     )

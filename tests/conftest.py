@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from pipeline.models import MixedNet
-from tests.s3server import s3_endpoint  # noqa
 
 # Before Ray is imported anywhere: keep Ray's own idea of "this node" on loopback, so that
 # joining 127.0.0.1 is not rewritten to the machine's external address.
@@ -25,6 +24,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # (never the user's ~/.ray token, which another run may rewrite).
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
+pytest_plugins = ["tests.s3server"]
 
 
 @pytest.fixture(scope="session")
@@ -57,14 +59,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(request):
     """One Ray head for the whole session (`ray start --head --block` on loopback).
 
     The same head serves the pipeline tests (as a cluster address) and `ray job submit`.
+    It starts after the S3 server, so its workers find the endpoint and test credentials
+    through the standard AWS environment, as a cluster's nodes would.
     Run blocking as a child, so teardown stops this head alone, never another session's.
     """
     import ray
 
+    request.getfixturevalue("s3_endpoint")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()

@@ -13,7 +13,12 @@ from pipeline.config import (
     LossConfig,
     ProjectionConfig,
 )
-from pipeline.influence.curvature import EkfacCurvature, LayerShape, ProjectedBatch
+from pipeline.influence.curvature import (
+    EkfacCurvature,
+    LayerShape,
+    ProjectedBatch,
+    make_curvature,
+)
 from pipeline.influence.engine import InfluenceSSL, default_keys
 from pipeline.influence.exact import damped_inverse_scores, exact_gradients
 from pipeline.influence.scoring import influence
@@ -162,3 +167,13 @@ def test_factors_round_trip_and_refuse_other_projection(tmp_path, digits, mixed_
         InfluenceSSL(mixed_net, other).load_factors(path)
     with pytest.raises(RuntimeError, match="not fitted"):
         InfluenceSSL(mixed_net, config("ekfac")).embed(digits[:4])
+
+
+def test_auto_curvature_is_dense_across_layers_where_it_fits():
+    layers = [LayerShape("a", 16, 16), LayerShape("b", 16, 8)]
+    assert make_curvature(layers, CurvatureConfig()).kind == "dense_all"
+    assert make_curvature(layers, CurvatureConfig(max_dense_dim=300)).kind == "dense"
+    with pytest.raises(ValueError, match="exceeds max_dense_dim"):
+        make_curvature(layers, CurvatureConfig(kind="dense", max_dense_dim=200))
+    with pytest.raises(ValueError, match="unknown curvature kind"):
+        make_curvature(layers, CurvatureConfig(kind="kfac"))

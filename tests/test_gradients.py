@@ -23,8 +23,7 @@ def views_of(images: torch.Tensor, num_pairs: int) -> torch.Tensor:
 def hooked_gradients(model, tracker, views, kind):
     batch = views.shape[0]
     with frozen_parameters(model), tracker.capture() as capture, torch.enable_grad():
-        x = views.flatten(0, 1).requires_grad_(True)
-        loss = consistency_loss(model(x).reshape(batch, views.shape[1], -1), kind)
+        loss = consistency_loss(model(views.flatten(0, 1)).reshape(batch, views.shape[1], -1), kind)
         loss.sum().backward()
     return {name: rows.gradient() for name, rows in capture.rows(batch).items()}
 
@@ -87,3 +86,33 @@ def test_layer_selection_by_patterns(mixed_net):
     assert tracker.names == ["fc1", "fc2"]
     with pytest.raises(ValueError, match=r"no layer selected.*conv1"):
         GradientTracker(mixed_net, LayerConfig(include=["nothing*"]), ProjectionConfig())
+
+
+class InplaceNet(torch.nn.Module):
+    """An in-place ReLU straight after the first tracked layer, and an untracked stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 2, 3, padding=1)
+        self.conv = torch.nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = self.relu(self.conv(self.stem(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_graph_starts_at_first_tracked_layer(digits):
+    torch.manual_seed(0)
+    model = InplaceNet().eval()
+    views = views_of(digits[:4], 2)
+    tracker = GradientTracker(
+        model, LayerConfig(include=["conv", "fc"]), ProjectionConfig(enabled=False)
+    )
+    hooked = hooked_gradients(model, tracker, views, "cosine")
+    exact = exact_gradients(model, views, ["conv", "fc"], "cosine")
+    for name in ("conv", "fc"):
+        scale = exact[name].abs().max()
+        torch.testing.assert_close(hooked[name], exact[name], atol=1e-5 * scale, rtol=1e-4)
+    assert all(p.grad is None for p in model.parameters())  # no weight gradients computed

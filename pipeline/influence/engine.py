@@ -36,8 +36,8 @@ def resolve_device(name: str) -> torch.device:
 def frozen_parameters(model: nn.Module) -> Iterator[None]:
     """No weight gradients during the hooked backward: only layer-output gradients are used.
 
-    Skipping the weight-gradient kernels is what keeps the embedding pass no dearer than a
-    plain forward+backward.
+    With the graph starting at the first tracked layer's output (see the tracker's forward
+    hook), the backward computes neither weight gradients nor anything before that layer.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
@@ -94,8 +94,7 @@ class InfluenceSSL:
         num_examples, num_views = views.shape[:2]
         frozen = frozen_parameters(self.encoder)
         with frozen, self.tracker.capture() as capture, torch.enable_grad():
-            x = views.flatten(0, 1).detach().requires_grad_(True)
-            z = self.encoder(x).reshape(num_examples, num_views, -1)
+            z = self.encoder(views.flatten(0, 1).detach()).reshape(num_examples, num_views, -1)
             losses = consistency_loss(z, self.config.loss.kind)
             losses.sum().backward()
         return ProjectedBatch(rows=capture.rows(num_examples)), losses.detach()

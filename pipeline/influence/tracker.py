@@ -188,6 +188,15 @@ class GradientTracker:
                 calls.append(layer.adapter.project_input(module, inputs[0].detach(), layer.p_in))
             if output.requires_grad:
                 output.register_hook(_grad_hook(layer, capture, call))
+                return None
+            if not torch.is_grad_enabled():
+                return None
+            # The first tracked layer: the graph starts at its output, so the backward never
+            # runs through (or computes input gradients of) anything before it. The clone
+            # keeps in-place ops that follow (ReLU(inplace=True)) off the leaf.
+            leaf = output.detach().requires_grad_(True)
+            leaf.register_hook(_grad_hook(layer, capture, call))
+            return leaf.clone()
 
         return hook
 

@@ -8,16 +8,29 @@ from pipeline.influence.curvature.dense import DenseCurvature
 from pipeline.influence.curvature.ekfac import EkfacCurvature
 from pipeline.influence.curvature.identity import IdentityCurvature
 
-CURVATURE_KINDS = ("ekfac", "dense", "dense_all", "identity")
+CURVATURE_KINDS = ("auto", "ekfac", "dense", "dense_all", "identity")
+
+
+def resolve_kind(layers: list[LayerShape], config: CurvatureConfig) -> str:
+    """"auto": the dense Fisher across all layers where it fits, else per layer.
+
+    On the fidelity benchmark (benchmarks/results/fidelity.md) dense_all beats per-layer
+    dense, which beats EK-FAC, at every projection size.
+    """
+    if config.kind != "auto":
+        return config.kind
+    total = sum(layer.size for layer in layers)
+    return "dense_all" if total <= config.max_dense_dim else "dense"
 
 
 def make_curvature(layers: list[LayerShape], config: CurvatureConfig) -> Curvature:
-    """The curvature named by `config.kind`, unfitted."""
-    if config.kind == "ekfac":
+    """The curvature named by `config.kind` (with "auto" resolved), unfitted."""
+    kind = resolve_kind(layers, config)
+    if kind == "ekfac":
         return EkfacCurvature(layers, config)
-    if config.kind in ("dense", "dense_all"):
-        return DenseCurvature(layers, config, across_layers=config.kind == "dense_all")
-    if config.kind == "identity":
+    if kind in ("dense", "dense_all"):
+        return DenseCurvature(layers, config, across_layers=kind == "dense_all")
+    if kind == "identity":
         return IdentityCurvature(layers, config)
     raise ValueError(f"unknown curvature kind {config.kind!r}; choose one of {CURVATURE_KINDS}")
 
@@ -31,4 +44,5 @@ __all__ = [
     "LayerShape",
     "ProjectedBatch",
     "make_curvature",
+    "resolve_kind",
 ]
