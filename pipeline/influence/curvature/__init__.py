@@ -12,7 +12,7 @@ CURVATURE_KINDS = ("auto", "ekfac", "dense", "dense_all", "identity")
 
 
 def resolve_kind(layers: list[LayerShape], config: CurvatureConfig) -> str:
-    """"auto": the dense Fisher across all layers where it fits, else per layer.
+    """ "auto": the dense Fisher across all layers where it fits, else per layer.
 
     On the fidelity benchmark (benchmarks/results/fidelity.md) dense_all beats per-layer
     dense, which beats EK-FAC, at every projection size.
