@@ -111,6 +111,11 @@ class InfluenceConfig:
     layers: LayerConfig = field(default_factory=LayerConfig)
     batch_size: int = 32
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    # "bf16": the model's forward/backward under bf16 autocast; projections, statistics and
+    # whitening stay in float32/float64. "none": float32 throughout. bf16 needs a trained
+    # encoder: at near-zero consistency loss (views that map to the same z) its rounding
+    # swamps the difference of the two views' representations.
+    autocast: str = "none"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

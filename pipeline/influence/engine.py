@@ -94,10 +94,18 @@ class InfluenceSSL:
         num_examples, num_views = views.shape[:2]
         frozen = frozen_parameters(self.encoder)
         with frozen, self.tracker.capture() as capture, torch.enable_grad():
-            z = self.encoder(views.flatten(0, 1).detach()).reshape(num_examples, num_views, -1)
+            with self.autocast():
+                z = self.encoder(views.flatten(0, 1).detach())
+            z = z.float().reshape(num_examples, num_views, -1)
             losses = consistency_loss(z, self.config.loss.kind)
             losses.sum().backward()
         return ProjectedBatch(rows=capture.rows(num_examples)), losses.detach()
+
+    def autocast(self) -> torch.autocast:
+        if self.config.autocast not in ("none", "bf16"):
+            raise ValueError(f"autocast must be 'none' or 'bf16', not {self.config.autocast!r}")
+        enabled = self.config.autocast == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def project(self, images: torch.Tensor, keys: Sequence[str]) -> ProjectedBatch:
         return self.project_views(self.make_views(images, keys))[0]

@@ -184,8 +184,10 @@ class GradientTracker:
         def hook(module, inputs, output):
             calls = capture.inputs.setdefault(layer.name, [])
             call = len(calls)
-            with torch.no_grad():
-                calls.append(layer.adapter.project_input(module, inputs[0].detach(), layer.p_in))
+            x = inputs[0].detach()
+            # Projections stay in float32 even when the model runs under bf16 autocast.
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                calls.append(layer.adapter.project_input(module, x, layer.p_in))
             if output.requires_grad:
                 output.register_hook(_grad_hook(layer, capture, call))
                 return None

@@ -73,7 +73,11 @@ class WorkerPool:
         self.config = config
         self.runtime = config.runtime
         count, self.resources = worker_resources(self.runtime)
-        self.actor_class = ray.remote(ShardWorker).options(max_restarts=0, **self.resources)
+        # Threaded actors: a queued shard starts decoding while the current one computes.
+        concurrency = max(1, self.runtime.queue_depth)
+        self.actor_class = ray.remote(ShardWorker).options(
+            max_restarts=0, max_concurrency=concurrency, **self.resources
+        )
         self.setup_calls: list[tuple[str, tuple]] = []
         self.actors = [self._start() for _ in range(count)]
         log.info("started %d workers with %s", count, self.resources)

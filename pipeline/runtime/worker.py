@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +61,8 @@ class ShardWorker:
         self.engine = InfluenceSSL(build_model(model), self.config.influence)
         self.output = open_storage(self.config.output)
         self.channels = model.in_channels
+        # One shard computes at a time; a second queued shard decodes meanwhile.
+        self.compute = threading.Lock()
 
     # -- state shipped from the driver ------------------------------------------------------
 
@@ -79,23 +81,27 @@ class ShardWorker:
     def accumulate(self, pass_name: str, url: str) -> dict:
         """Partial statistics of one curvature pass over one shard (plain tensors)."""
         stats, read = Statistics(), ReadStats()
-        limit = self.config.fit.max_examples_per_shard
+        samples = self.open_shard(url, read)
         examples = 0
-        for batch in self.batches(url, read, limit):
-            projected = self.engine.project(batch.images, batch.keys)
-            self.engine.curvature.accumulate(pass_name, stats, projected)
-            examples += len(batch.keys)
+        with self.compute:
+            for batch in self.batches(samples, self.config.fit.max_examples_per_shard):
+                projected = self.engine.project(batch.images, batch.keys)
+                self.engine.curvature.accumulate(pass_name, stats, projected)
+                examples += len(batch.keys)
+        samples.close()
         return {"stats": stats.to_tensors(), "read": read.to_dict(), "examples": examples}
 
     def build_shard(self, url: str) -> dict:
         """Embed every example of a shard; publish its part, then its marker."""
-        started = time.perf_counter()
         read = ReadStats()
+        samples = self.open_shard(url, read)
         rows = Rows()
-        for batch in self.batches(url, read):
-            w, loss = self.engine.embed_batch_with_loss(batch.images, batch.keys)
-            rows.add(batch, w.float().cpu(), loss.float().cpu())
-        seconds = time.perf_counter() - started
+        with self.compute:
+            started = time.perf_counter()
+            for batch in self.batches(samples):
+                w, loss = self.engine.embed_batch_with_loss(batch.images, batch.keys)
+                rows.add(batch, w.float().cpu(), loss.float().cpu())
+            seconds = time.perf_counter() - started
         table = rows.table(url, self.engine.dimension, self.config.index.vector_dtype)
         record = {
             "shard": url,
@@ -107,16 +113,21 @@ class ShardWorker:
         }
         return publish_part(self.output, shard_id(url), table, record)
 
-    def batches(self, url: str, read: ReadStats, limit: int = 0) -> Iterator[Batch]:
-        """Batches of decoded samples, decoded ahead in a background thread."""
+    def open_shard(self, url: str, read: ReadStats) -> Prefetcher:
+        """Start streaming and decoding a shard now, in a background thread.
+
+        Called before the compute lock is taken, so the next shard queued on this worker
+        downloads and decodes while the current one computes.
+        """
         samples = read_shard(
             url, decode_side(self.config), self.channels, read, self.config.input.max_pixels
         )
+        return Prefetcher(samples, depth=4 * self.config.influence.batch_size)
+
+    def batches(self, samples: Iterable, limit: int = 0) -> Iterator[Batch]:
         batch = Batch(torch.empty(0), [])
         pending: list[torch.Tensor] = []
-        for count, sample in enumerate(
-            prefetch(samples, depth=4 * self.config.influence.batch_size)
-        ):
+        for count, sample in enumerate(samples):
             if limit and count >= limit:
                 break
             pending.append(sample.image)
@@ -167,32 +178,42 @@ class Rows:
 _DONE = object()
 
 
-def prefetch(items: Iterator, depth: int) -> Iterator:
-    """Run `items` in a background thread, `depth` ahead; its exceptions surface here."""
-    buffer: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
+class Prefetcher:
+    """Runs an iterator in a background thread from construction on, `depth` items ahead.
 
-    def produce() -> None:
+    The producer's exceptions surface in the consumer; `close` stops the producer early.
+    """
+
+    def __init__(self, items: Iterator, depth: int) -> None:
+        self.buffer: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._produce, args=(items,), daemon=True)
+        self.thread.start()
+
+    def _produce(self, items: Iterator) -> None:
         try:
             for item in items:
-                if stop.is_set():
-                    return
-                buffer.put(item)
-            buffer.put(_DONE)
+                if self.stopped.is_set():
+                    break
+                self.buffer.put(item)
+            self.buffer.put(_DONE)
         except BaseException as error:
-            buffer.put(error)
+            self.buffer.put(error)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
-    thread = threading.Thread(target=produce, daemon=True, name="decode")
-    thread.start()
-    try:
-        while (item := buffer.get()) is not _DONE:
+    def __iter__(self) -> Iterator:
+        while (item := self.buffer.get()) is not _DONE:
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
+
+    def close(self) -> None:
+        self.stopped.set()
+        while self.thread.is_alive():
             try:
-                buffer.get_nowait()
+                self.buffer.get_nowait()
             except queue.Empty:
-                thread.join(timeout=0.05)
+                self.thread.join(timeout=0.05)
