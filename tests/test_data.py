@@ -267,7 +267,10 @@ def test_awkward_modes_decode(mnist: tuple, photos: dict) -> None:
 # ------------------------------------------------------------------------------- bad input
 
 
-def test_bad_samples_skipped_and_counted(tmp_path: Path, mnist: tuple, photos: dict) -> None:
+@pytest.mark.parametrize("decode_threads", [1, 3])
+def test_bad_samples_skipped_and_counted(
+    tmp_path: Path, mnist: tuple, photos: dict, decode_threads: int
+) -> None:
     images, _ = mnist
     png = {i: _encode(images[i]) for i in range(8)}
     modes = _mode_images(mnist, photos)
@@ -309,8 +312,8 @@ def test_bad_samples_skipped_and_counted(tmp_path: Path, mnist: tuple, photos: d
         ("d6.png", png[6]),  # jpg is preferred over png
     ]
     url = _tar(tmp_path / "mixed.tar", members)
-    samples, stats = _read(url, max_pixels=1_000_000)
-    keys = [s.key for s in samples]
+    samples, stats = _read(url, max_pixels=1_000_000, decode_threads=decode_threads)
+    keys = [s.key for s in samples]  # stream order, also with parallel decoding
     assert keys == ["d0", "d1", "d2", *modes, "d3", "d4", "sub/d5", "d6"]
     assert stats.skipped == {
         "undecodable_image": 1,

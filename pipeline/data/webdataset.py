@@ -19,7 +19,10 @@ import io
 import json
 import math
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -307,8 +310,12 @@ def read_shard(
     channels: int,
     stats: ReadStats,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode_threads: int = 1,
 ) -> Iterator[Sample]:
     """Yield the decodable samples of one shard, in order, counting the rest in `stats`.
+
+    With `decode_threads > 1`, images decode on a thread pool, a bounded window ahead of the
+    consumer, and still come out in stream order.
 
     Once the generator is exhausted (or closed), `stats.shards[url]` holds the shard's
     sha256, size, sample count and shard-level reason, if any.
@@ -325,11 +332,19 @@ def read_shard(
     reader = _HashingReader(raw)
     complete = False
     try:
-        for group in _groups(reader, state, max_pixels):
-            sample = _finish(group, state, side, channels, max_pixels, stats)
-            if sample is not None:
-                state.samples += 1
-                yield sample
+        ahead = 2 * decode_threads if decode_threads > 1 else 0
+        with _decoder(side, channels, max_pixels, decode_threads) as decode:
+            window: deque[_Pending] = deque()  # decodes in flight, in stream order
+            for group in _groups(reader, state, max_pixels):
+                pending = _prepare(group, state, stats, decode)
+                if pending is not None:
+                    window.append(pending)
+                while len(window) > ahead:
+                    if (sample := _finish(window.popleft(), state, stats)) is not None:
+                        yield sample
+            while window:
+                if (sample := _finish(window.popleft(), state, stats)) is not None:
+                    yield sample
         complete = _drain(reader, state)
         state.reason = state.reason or _tail_reason(reader, state)
         if state.reason is not None:
@@ -488,41 +503,75 @@ def _error_reason(exc: Exception, state: _ShardState, size: int) -> str:
     return "corrupt_tar"  # tarfile.ReadError, malformed pax headers, ...
 
 
-def _finish(
-    group: _Group, state: _ShardState, side: int, channels: int, max_pixels: int, stats: ReadStats
-) -> Sample | None:
-    """Decode one grouped sample, or count why it is skipped."""
+@dataclass
+class _Pending:
+    """A sample whose cheap checks passed; its image is decoding (maybe in another thread)."""
+
+    key: str
+    metadata: dict[str, Any]
+    cls: int | None
+    image: Future
+
+
+def _prepare(
+    group: _Group, state: _ShardState, stats: ReadStats, decode: Callable[[bytes], Future]
+) -> _Pending | None:
+    """Cheap checks in stream order (keys, image member, metadata), then start the decode."""
     stats.seen += 1
-    reason, sample = _build(group, state, side, channels, max_pixels)
-    if reason is not None:
-        stats.skip(reason)
-        return None
-    stats.decoded += 1
-    return sample
-
-
-def _build(
-    group: _Group, state: _ShardState, side: int, channels: int, max_pixels: int
-) -> tuple[str | None, Sample | None]:
-    """(None, sample) or (skip reason, None); cheap checks first, the decode last."""
     if group.key in state.keys:
-        return "duplicate_key", None
+        stats.skip("duplicate_key")
+        return None
     state.keys.add(group.key)
     ext = next((e for e in IMAGE_EXTENSIONS if e in group.members), None)
     if ext is None:
-        return "missing_image", None
+        stats.skip("missing_image")
+        return None
     try:
         metadata, cls = _metadata(group)
     except (ValueError, TypeError, RecursionError):
-        return "bad_metadata", None
+        stats.skip("bad_metadata")
+        return None
     data = group.members[ext].data
     if data is None:
-        return "image_too_large", None
+        stats.skip("image_too_large")
+        return None
+    return _Pending(group.key, metadata, cls, decode(data))
+
+
+def _finish(pending: _Pending, state: _ShardState, stats: ReadStats) -> Sample | None:
+    """The decoded sample, or None with the decode failure counted."""
     try:
-        image = decode_image(data, side, channels, max_pixels)
+        image = pending.image.result()
     except ImageError as exc:
-        return exc.reason, None
-    return None, Sample(group.key, image, metadata, cls)
+        stats.skip(exc.reason)
+        return None
+    stats.decoded += 1
+    state.samples += 1
+    return Sample(pending.key, image, pending.metadata, pending.cls)
+
+
+@contextmanager
+def _decoder(side: int, channels: int, max_pixels: int, threads: int):
+    """`decode(bytes) -> Future[tensor]`: inline for one thread, else on a thread pool
+    (PIL releases the GIL while decoding, so threads decode in parallel)."""
+
+    def work(data: bytes) -> torch.Tensor:
+        return decode_image(data, side, channels, max_pixels)
+
+    if threads <= 1:
+
+        def inline(data: bytes) -> Future:
+            future: Future = Future()
+            try:
+                future.set_result(work(data))
+            except ImageError as exc:
+                future.set_exception(exc)
+            return future
+
+        yield inline
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+        yield lambda data: pool.submit(work, data)
 
 
 def _metadata(group: _Group) -> tuple[dict[str, Any], int | None]:

@@ -120,7 +120,12 @@ class ShardWorker:
         downloads and decodes while the current one computes.
         """
         samples = read_shard(
-            url, decode_side(self.config), self.channels, read, self.config.input.max_pixels
+            url,
+            decode_side(self.config),
+            self.channels,
+            read,
+            self.config.input.max_pixels,
+            decode_threads=self.config.runtime.decode_threads,
         )
         return Prefetcher(samples, depth=4 * self.config.influence.batch_size)
 
