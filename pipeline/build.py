@@ -13,7 +13,7 @@ import logging
 from pipeline.config import PipelineConfig
 from pipeline.data import ReadStats, shard_id
 from pipeline.fit import Driver, totals
-from pipeline.index.layout import FACTORS, SUMMARY
+from pipeline.index.layout import FACTORS, SUMMARY, marker_path
 from pipeline.index.manifest import check_compatible, read_manifest, write_manifest
 from pipeline.index.parts import read_marker
 from pipeline.runtime.pool import Task, WorkerPool, connect
@@ -31,7 +31,8 @@ def run_build(config: PipelineConfig) -> dict:
         )
     check_compatible(manifest, driver.fingerprint, "build into this index")
     shards = list(dict.fromkeys(driver.shards))
-    todo = [url for url in shards if read_marker(driver.output, shard_id(url)) is None]
+    done = set(driver.output.list("markers/"))  # one listing, not a request per shard
+    todo = [url for url in shards if marker_path(shard_id(url)) not in done]
     print(
         f"build: {len(shards) - len(todo)} of {len(shards)} shards already done, "
         f"{len(todo)} to process",
@@ -39,6 +40,7 @@ def run_build(config: PipelineConfig) -> dict:
     )
     progress = Progress("build", len(todo))
     failures: list[dict] = []
+    restarts = 0
     if todo:
         connect(config.runtime)
         pool = WorkerPool(config)
@@ -51,7 +53,9 @@ def run_build(config: PipelineConfig) -> dict:
         finally:
             pool.shutdown()
         failures = [{"shard": task.label, "error": error} for task, error in outcome.failures]
+        restarts = outcome.restarts
     summary = summarise(driver.output, shards, failures, progress.rate if todo else 0.0)
+    summary["worker_restarts_this_run"] = restarts
     manifest["shards"] = summary.pop("shards")
     manifest["stats"] = summary
     write_manifest(driver.output, manifest)

@@ -199,7 +199,8 @@ class InputConfig:
 class FitConfig:
     """Which sample of the corpus the curvature is fitted on."""
 
-    max_shards: int = 0  # 0: every shard; else a seeded sample of this many shards
+    # A seeded sample of this many shards (all of a smaller corpus); 0: every shard.
+    max_shards: int = 64
     max_examples_per_shard: int = 0  # 0: all
     seed: int = 0
 

@@ -108,30 +108,62 @@ def fit_passes(engine: InfluenceSSL, pool: WorkerPool, sample: list[str]) -> dic
             state = {k: v.cpu() for k, v in engine.curvature.state_dict().items()}
             pool.broadcast("load_curvature", state, list(engine.curvature.completed))
         progress = Progress(f"fit/{pass_name}", len(sample))
-        by_shard: dict[str, dict] = {}
+        merger = OrderedMerge(sample)
 
-        def collect(task: Task, result: dict, by_shard=by_shard, progress=progress) -> None:
-            by_shard[task.label] = result
+        def collect(task: Task, result: dict, merger=merger, progress=progress) -> None:
+            merger.add(task.label, result)
             progress.update(result["examples"])
 
         tasks = [Task("accumulate", (pass_name, url), url) for url in sample]
         outcome = pool.run(tasks, collect)
         failed |= {task.label for task, _ in outcome.failures}
-        parts = [Statistics.from_tensors(by_shard[u]["stats"]) for u in sample if u in by_shard]
-        if not parts:
+        merger.skip(failed)
+        if not merger.shards:
             raise RuntimeError(f"fit pass {pass_name!r}: every shard failed: {outcome.failures}")
-        engine.complete_pass(pass_name, Statistics.merged(parts))
+        engine.complete_pass(pass_name, merger.total)
         if pass_name == engine.curvature.passes[0]:
-            examples = sum(by_shard[u]["examples"] for u in by_shard)
-            for u in sample:
-                if u in by_shard:
-                    read = read + ReadStats.from_dict(by_shard[u]["read"])
+            examples, read = merger.examples, merger.read
     return {
         "shards": [u for u in sample if u not in failed],
         "failed_shards": sorted(failed),
         "examples": examples,
         "read": totals(read),
     }
+
+
+class OrderedMerge:
+    """Merges per-shard partial statistics in corpus order as they arrive.
+
+    Summing in a fixed order makes the factors independent of the number of workers and of
+    which finished first; only results that arrive ahead of a slower predecessor are held.
+    """
+
+    def __init__(self, order: list[str]) -> None:
+        self.order = list(order)
+        self.next = 0
+        self.waiting: dict[str, dict | None] = {}
+        self.total = Statistics()
+        self.read = ReadStats()
+        self.examples = 0
+        self.shards: list[str] = []
+
+    def add(self, shard: str, result: dict | None) -> None:
+        self.waiting[shard] = result
+        while self.next < len(self.order) and self.order[self.next] in self.waiting:
+            current = self.order[self.next]
+            ready = self.waiting.pop(current)
+            if ready is not None:
+                self.total.merge(Statistics.from_tensors(ready["stats"]))
+                self.read = self.read + ReadStats.from_dict(ready["read"])
+                self.examples += ready["examples"]
+                self.shards.append(current)
+            self.next += 1
+
+    def skip(self, shards: set[str]) -> None:
+        """Shards that failed: nothing will arrive for them."""
+        for shard in shards:
+            if shard not in self.waiting and shard in self.order[self.next :]:
+                self.add(shard, None)
 
 
 def totals(read: ReadStats) -> dict:

@@ -8,6 +8,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -242,3 +244,53 @@ def test_fit_and_build_from_and_to_s3(built, s3_endpoint, digit_shards):
     assert all(s["url"].startswith("s3://corpus-e2e/shards/") for s in manifest["shards"])
     assert all(s["shard_sha256"] and s["shard_complete"] for s in manifest["shards"])
     assert_same_vectors(table, local)
+
+
+def test_a_killed_worker_is_replaced_and_the_index_is_complete(built, tmp_path):
+    """SIGKILL a worker actor's process mid-build: its shard is retried on a new actor."""
+    import psutil
+
+    config, _, output, _ = built
+    killed = pipeline_config(
+        tmp_path / "killed",
+        config.input.shards,
+        config.influence.model.checkpoint,
+        address=config.runtime.address,
+    )
+    run_fit(killed)
+    victims: list[int] = []
+    before = set(worker_pids())
+    markers = tmp_path / "killed" / "markers"
+
+    def kill_a_worker_mid_build() -> None:
+        """Once the first shard is published, SIGKILL this build's worker (mid-shard)."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            fresh = [pid for pid in worker_pids() if pid not in before]
+            if fresh and markers.is_dir() and any(markers.iterdir()):
+                psutil.Process(fresh[0]).kill()
+                victims.append(fresh[0])
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_a_worker_mid_build, daemon=True)
+    killer.start()
+    summary = run_build(killed)
+    killer.join(timeout=5)
+    assert victims, "no worker process was found to kill"
+    assert summary["worker_restarts_this_run"] >= 1
+    assert summary["failed"] == [] and summary["examples"] == 240
+    _, expected = read_index(output)
+    _, table = read_index(tmp_path / "killed")
+    assert table.column("key").to_pylist() == expected.column("key").to_pylist()
+    assert_same_vectors(table, expected)
+
+
+def worker_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if "ShardWorker" in " ".join(process.info["cmdline"] or []):
+            pids.append(process.pid)
+    return pids

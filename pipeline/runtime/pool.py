@@ -89,9 +89,21 @@ class WorkerPool:
         return actor
 
     def broadcast(self, method: str, *args: Any) -> None:
-        """Call `method` on every worker now, and on every worker started later."""
+        """Call `method` on every worker now, and on every worker started later.
+
+        A worker that dies meanwhile is replaced (the replacement gets every setup call).
+        """
         self.setup_calls.append((method, args))
-        ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
+        for slot in range(len(self.actors)):
+            for attempt in range(self.runtime.max_retries + 1):
+                try:
+                    ray.get(getattr(self.actors[slot], method).remote(*args))
+                    break
+                except RayActorError as error:
+                    if attempt == self.runtime.max_retries:
+                        raise
+                    log.warning("worker %d died during %s: %s", slot, method, _summary(error))
+                    self.actors[slot] = self._start()
 
     def run(self, tasks: list[Task], on_result: Callable[[Task, Any], None]) -> Outcome:
         """Run every task somewhere; `on_result` is called on the driver as each finishes."""
