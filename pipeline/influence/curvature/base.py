@@ -87,6 +87,7 @@ class Curvature(ABC):
         self.layers = list(layers)
         self.config = config
         self.completed: list[str] = []
+        self._cast: dict[tuple, dict[str, torch.Tensor]] = {}
 
     @property
     def fitted(self) -> bool:
@@ -99,6 +100,15 @@ class Curvature(ABC):
     def next_pass(self) -> str | None:
         remaining = [p for p in self.passes if p not in self.completed]
         return remaining[0] if remaining else None
+
+    def cast_factors(
+        self, name: object, factors: dict[str, torch.Tensor], like: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """`factors` on `like`'s device and dtype, converted once and kept (not per batch)."""
+        key = (name, like.device, like.dtype)
+        if key not in self._cast:
+            self._cast[key] = {k: v.to(like.device, like.dtype) for k, v in factors.items()}
+        return self._cast[key]
 
     def _check_pass(self, pass_name: str) -> None:
         if pass_name != self.next_pass():
@@ -114,6 +124,7 @@ class Curvature(ABC):
         self._check_pass(pass_name)
         self._complete(pass_name, stats)
         self.completed.append(pass_name)
+        self._cast.clear()
 
     def whiten(self, gradients: dict[str, torch.Tensor]) -> torch.Tensor:
         """w(x) [B, dimension] from {layer: G~ [B, dim_out, dim_in]}."""

@@ -56,7 +56,7 @@ class DenseCurvature(Curvature):
         parts = []
         for index, block in enumerate(self.blocks):
             g = flatten(gradients, block)
-            f = {k: v.to(device=g.device, dtype=g.dtype) for k, v in self.factors[index].items()}
+            f = self.cast_factors(index, self.factors[index], g)
             parts.append((g @ f["U"]) / (f["D"] + f["lambda"]).sqrt())
         return torch.cat(parts, dim=1)
 
@@ -73,3 +73,4 @@ class DenseCurvature(Curvature):
             block, part = key.split("/", 1)
             self.factors.setdefault(int(block[len("block") :]), {})[part] = value.to(torch.float64)
         self.completed = list(completed)
+        self._cast.clear()

@@ -62,9 +62,7 @@ class EkfacCurvature(Curvature):
         parts = []
         for layer in self.layers:
             g = gradients[layer.name]
-            f = {
-                k: v.to(device=g.device, dtype=g.dtype) for k, v in self.factors[layer.name].items()
-            }
+            f = self.cast_factors(layer.name, self.factors[layer.name], g)
             parts.append((rotate(g, f["Q_S"], f["Q_A"]) / (f["L"] + f["lambda"]).sqrt()).flatten(1))
         return torch.cat(parts, dim=1)
 
@@ -81,3 +79,4 @@ class EkfacCurvature(Curvature):
             name, part = key.rsplit("/", 1)
             self.factors.setdefault(name, {})[part] = value.to(torch.float64)
         self.completed = list(completed)
+        self._cast.clear()
