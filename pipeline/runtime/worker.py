@@ -1,9 +1,10 @@
 """The work done on one shard, free of Ray: a Ray actor wraps this class, a test calls it.
 
 A worker loads the model, the projection and (for `build`) the factors once, then handles
-shards one after another: streaming the tar, decoding in a background thread so the model
-never waits on a single decoder, batching, and either accumulating curvature statistics
-(`accumulate`) or writing the shard's index part and marker (`build_shard`).
+shards one after another: streaming the tar in a background thread, decoding on a pool of
+`runtime.decode_threads` so the model never waits on a single decoder, batching, and either
+accumulating curvature statistics (`accumulate`) or writing the shard's index part and
+marker (`build_shard`).
 """
 
 from __future__ import annotations
