@@ -12,6 +12,7 @@ VERBS = {
     "demo": "the whole method on bundled real digits: train an SSL encoder, fit, embed, score",
     "fit": "stream a sample of shards; fit the projected curvature; write factors and manifest",
     "build": "stream every shard; write one index part (and marker) per shard",
+    "rank": "examples of an index ordered by self-influence (outliers, memorisation)",
 }
 
 
@@ -32,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override one setting, e.g. --set influence.curvature.kind=dense",
         )
-        command.add_argument("--out", help="output folder or s3:// URI (shortcut for --set)")
-        if verb != "demo":
+        command.add_argument(
+            "--out", help="output (for rank: the index) folder or s3:// URI, a --set shortcut"
+        )
+        if verb in ("fit", "build"):
             command.add_argument(
                 "--shards", nargs="+", help="input shards: paths, globs, {a..b}, s3://prefix/"
             )
@@ -52,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
         overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
         run_demo(load_config(DemoConfig, args.config, overrides))
+        return 0
+    if args.verb == "rank":
+        from pipeline.rank import RankConfig, run_rank
+
+        overrides = list(args.overrides) + ([f"index={args.out}"] if args.out else [])
+        run_rank(load_config(RankConfig, args.config, overrides))
         return 0
     return run_pipeline_verb(args)
 

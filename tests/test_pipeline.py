@@ -294,3 +294,27 @@ def worker_pids() -> list[int]:
         if "ShardWorker" in " ".join(process.info["cmdline"] or []):
             pids.append(process.pid)
     return pids
+
+
+def test_rank_orders_the_index_by_self_influence(built, capsys):
+    """`influence-ssl rank` on the built index: every example once, descending, written."""
+    from pipeline.cli import main
+    from pipeline.index.reader import Index
+
+    _, _, output, _ = built
+    assert main(["rank", "--out", str(output), "--set", "top=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "highest self-influence" in printed and "240 examples ranked" in printed
+    ranked = pq.read_table(os.path.join(output, "rank", "self_influence.parquet"))
+    scores = ranked.column("self_influence").to_numpy()
+    assert ranked.num_rows == 240 and sorted(ranked.column("key").to_pylist()) == [
+        f"d{i:04d}" for i in range(240)
+    ]
+    assert (np.diff(scores) <= 0).all() and ranked.column("rank").to_pylist() == list(range(240))
+    _, table = read_index(output)
+    keys, values = table.column("key").to_pylist(), table.column("self_influence").to_pylist()
+    by_key = dict(zip(keys, values, strict=True))
+    ranked_keys = ranked.column("key").to_pylist()
+    assert all(by_key[k] == s for k, s in zip(ranked_keys, scores, strict=True))
+    with pytest.raises(FileNotFoundError, match="no index"):
+        Index(os.path.join(output, "nothing-here"))
