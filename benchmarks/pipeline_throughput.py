@@ -20,7 +20,7 @@ One embedded Ray (loopback only) is started once and serves every run.
 
 Runs are repeated round-robin (in-memory embed, then each build setting) and the median is
 reported. Run from the repository root: `python benchmarks/pipeline_throughput.py` (about
-3 minutes on 2 CPU cores). Writes `benchmarks/results/pipeline.md`.
+4 minutes on 2 CPU cores). Writes `benchmarks/results/pipeline.md`.
 """
 
 from __future__ import annotations

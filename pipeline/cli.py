@@ -13,6 +13,7 @@ VERBS = {
     "fit": "stream a sample of shards; fit the projected curvature; write factors and manifest",
     "build": "stream every shard; write one index part (and marker) per shard",
     "rank": "examples of an index ordered by self-influence (outliers, memorisation)",
+    "query": "top-k proponents and opponents of examples already in an index (by key)",
 }
 
 
@@ -56,13 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
         run_demo(load_config(DemoConfig, args.config, overrides))
         return 0
+    if args.verb in ("rank", "query"):
+        return run_offline_verb(args)
+    return run_pipeline_verb(args)
+
+
+def run_offline_verb(args: argparse.Namespace) -> int:
+    """Verbs that read an index and need no Ray: `--out` names the index."""
+    overrides = list(args.overrides) + ([f"index={args.out}"] if args.out else [])
     if args.verb == "rank":
         from pipeline.rank import RankConfig, run_rank
 
-        overrides = list(args.overrides) + ([f"index={args.out}"] if args.out else [])
         run_rank(load_config(RankConfig, args.config, overrides))
-        return 0
-    return run_pipeline_verb(args)
+    else:
+        from pipeline.query import QueryConfig, run_query
+
+        run_query(load_config(QueryConfig, args.config, overrides))
+    return 0
 
 
 def run_pipeline_verb(args: argparse.Namespace) -> int:

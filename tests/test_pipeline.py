@@ -318,3 +318,57 @@ def test_rank_orders_the_index_by_self_influence(built, capsys):
     assert all(by_key[k] == s for k, s in zip(ranked_keys, scores, strict=True))
     with pytest.raises(FileNotFoundError, match="no index"):
         Index(os.path.join(output, "nothing-here"))
+
+
+def test_query_by_key_finds_the_example_itself_first(built, tmp_path):
+    from pipeline.query import QueryConfig, run_query
+
+    _, _, output, _ = built
+    keys = ["d0005", "d0123", "d0230"]
+    out = tmp_path / "query.csv"
+    results = run_query(QueryConfig(index=str(output), keys=keys, top=5, out=str(out)))
+    rows = results.to_pylist()
+    _, table = read_index(output)
+    w = np.stack(table.column("w").to_numpy(zero_copy_only=False)).astype(np.float64)
+    row_of = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+    for key in keys:
+        mine = [r for r in rows if r["query"] == key]
+        proponents = [r for r in mine if r["direction"] == "proponent"]
+        opponents = [r for r in mine if r["direction"] == "opponent"]
+        assert len(proponents) == len(opponents) == 5
+        assert proponents[0]["key"] == key  # cos(w, w) = 1 is the top normalised influence
+        assert proponents[0]["normalized_influence"] == pytest.approx(1.0, abs=1e-5)
+        cosine = w @ w[row_of[key]] / (np.linalg.norm(w, axis=1) * np.linalg.norm(w[row_of[key]]))
+        expected = [table.column("key")[int(i)].as_py() for i in np.argsort(-cosine)[:5]]
+        assert [r["key"] for r in proponents] == expected
+        assert [r["key"] for r in opponents] == [
+            table.column("key")[int(i)].as_py() for i in np.argsort(cosine)[:5]
+        ]
+        for r in mine:
+            exact = float(w[row_of[key]] @ w[row_of[r["key"]]])
+            assert r["influence"] == pytest.approx(exact, rel=1e-4, abs=1e-6 * abs(exact) + 1e-9)
+    written = out.read_text().splitlines()
+    assert len(written) == 1 + 30 and written[0].startswith('"query"')
+    with pytest.raises(KeyError, match="not in the index"):
+        run_query(QueryConfig(index=str(output), keys=["no-such-key"]))
+
+
+def test_a_failing_shard_leaves_no_reader_threads_behind(built, digits):
+    """A compute error mid-shard (the pool then retries it): the shard's reader is closed."""
+    from pipeline.config import to_dict
+    from pipeline.runtime.worker import ShardWorker
+
+    config, _, _, urls = built
+    worker = ShardWorker(to_dict(config))
+    worker.load_factors()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("compute failed")
+
+    worker.engine.embed_batch_with_loss = fail
+    before = threading.active_count()
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="compute failed"):
+            worker.build_shard(urls[0])
+    time.sleep(0.5)
+    assert threading.active_count() == before

@@ -84,12 +84,14 @@ class ShardWorker:
         stats, read = Statistics(), ReadStats()
         samples = self.open_shard(url, read)
         examples = 0
-        with self.compute:
-            for batch in self.batches(samples, self.config.fit.max_examples_per_shard):
-                projected = self.engine.project(batch.images, batch.keys)
-                self.engine.curvature.accumulate(pass_name, stats, projected)
-                examples += len(batch.keys)
-        samples.close()
+        try:
+            with self.compute:
+                for batch in self.batches(samples, self.config.fit.max_examples_per_shard):
+                    projected = self.engine.project(batch.images, batch.keys)
+                    self.engine.curvature.accumulate(pass_name, stats, projected)
+                    examples += len(batch.keys)
+        finally:
+            samples.close()  # also on failure: no reader thread left behind for a retry
         return {"stats": stats.to_tensors(), "read": read.to_dict(), "examples": examples}
 
     def build_shard(self, url: str) -> dict:
@@ -97,12 +99,15 @@ class ShardWorker:
         read = ReadStats()
         samples = self.open_shard(url, read)
         rows = Rows()
-        with self.compute:
-            started = time.perf_counter()
-            for batch in self.batches(samples):
-                w, loss = self.engine.embed_batch_with_loss(batch.images, batch.keys)
-                rows.add(batch, w.float().cpu(), loss.float().cpu())
-            seconds = time.perf_counter() - started
+        try:
+            with self.compute:
+                started = time.perf_counter()
+                for batch in self.batches(samples):
+                    w, loss = self.engine.embed_batch_with_loss(batch.images, batch.keys)
+                    rows.add(batch, w.float().cpu(), loss.float().cpu())
+                seconds = time.perf_counter() - started
+        finally:
+            samples.close()
         table = rows.table(url, self.engine.dimension, self.config.index.vector_dtype)
         record = {
             "shard": url,
