@@ -26,6 +26,11 @@ from pipeline.runtime.worker import ShardWorker
 log = logging.getLogger(__name__)
 
 
+# glibc keeps large buffers mapped instead of returning and re-faulting them per batch:
+# benchmarks/results/pipeline.md traced a 23-40% slower model inside actors to page faults.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+
+
 def connect(runtime: RuntimeConfig) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded local Ray."""
     if ray.is_initialized():
@@ -76,7 +81,10 @@ class WorkerPool:
         # Threaded actors: a queued shard starts decoding while the current one computes.
         concurrency = max(1, self.runtime.queue_depth)
         self.actor_class = ray.remote(ShardWorker).options(
-            max_restarts=0, max_concurrency=concurrency, **self.resources
+            max_restarts=0,
+            max_concurrency=concurrency,
+            runtime_env={"env_vars": WORKER_ENV},
+            **self.resources,
         )
         self.setup_calls: list[tuple[str, tuple]] = []
         self.actors = [self._start() for _ in range(count)]
