@@ -32,8 +32,8 @@ def run_query(config: QueryConfig) -> pa.Table:
     if not config.keys:
         raise ValueError("no query: give keys with --set 'keys=[key1, key2]'")
     index = Index(config.index)
-    table = index.table(["key", "shard", "self_influence"])
-    vectors = index.vectors()
+    table = index.table(["key", "shard", "w"])  # one read of the parts
+    vectors = index.vectors(table)
     rows = rows_of(table, config.keys)
     queries = vectors[rows]
     search = SearchIndex.build(vectors, normalized=config.normalized)

@@ -14,7 +14,3 @@ def part_path(shard_id: str) -> str:
 def marker_path(shard_id: str) -> str:
     """Written only after the part it vouches for: its presence means the shard is done."""
     return f"markers/{shard_id}.json"
-
-
-def stats_path(shard_id: str) -> str:
-    return f"stats/shards/{shard_id}.json"

@@ -66,24 +66,15 @@ def publish_part(storage, shard_id: str, table: pa.Table, record: dict) -> dict:
 
 
 def read_marker(storage, shard_id: str) -> dict | None:
-    path = marker_path(shard_id)
-    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+    """The shard's marker, or None if it is not done (one request, not exists + read)."""
+    try:
+        return json.loads(storage.read_bytes(marker_path(shard_id)))
+    except FileNotFoundError:
+        return None
 
 
 def read_part(storage, shard_id: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(part_path(shard_id))))
-
-
-def read_parts(storage, shard_ids: list[str], columns: list[str] | None = None) -> pa.Table:
-    """Concatenate the parts of finished shards (marker present) in the given order."""
-    tables = [
-        pq.read_table(io.BytesIO(storage.read_bytes(part_path(s))), columns=columns)
-        for s in shard_ids
-        if storage.exists(marker_path(s))
-    ]
-    if not tables:
-        raise ValueError(f"no finished parts under {storage.uri}: is the index built?")
-    return pa.concat_tables(tables)
 
 
 def vectors(table: pa.Table) -> np.ndarray:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.index.manifest import read_manifest
+from pipeline.index.parts import table_bytes, vectors
 from pipeline.storage import Storage, open_storage
 
 
@@ -38,19 +38,11 @@ class Index:
         return pa.concat_tables(parts)
 
     def vectors(self, table: pa.Table | None = None) -> np.ndarray:
-        """The `w` column as a dense [N, D] float32 array."""
+        """The `w` column (of `table`, or read now) as a dense [N, D] float32 array."""
         table = table if table is not None else self.table(["w"])
-        column = table.column("w").combine_chunks()
-        flat = column.flatten().to_numpy(zero_copy_only=False)
-        return flat.reshape(-1, column.type.list_size).astype(np.float32, copy=False)
+        return vectors(table).astype(np.float32, copy=False)
 
     def write_table(self, path: str, table: pa.Table) -> str:
         """Write an output (rank, dedup, groups) as Parquet beside the index; returns its URL."""
-        sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
-        self.storage.write_bytes(path, sink.getvalue())
+        self.storage.write_bytes(path, table_bytes(table))
         return self.storage.url(path)
-
-
-def metadata_of(table: pa.Table) -> list[dict]:
-    return [json.loads(m) if m else {} for m in table.column("metadata").to_pylist()]
