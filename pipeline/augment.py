@@ -334,6 +334,11 @@ def _gaussian(x: Tensor, sigma: Tensor) -> Tensor:
     return y.view_as(x)
 
 
+def normalise_views(x: Tensor, cfg: AugmentConfig) -> Tensor:
+    """The per-channel normalisation the views get, for un-augmented images."""
+    return _normalise(x, cfg.mean, cfg.std)
+
+
 def _normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     if not mean and not std:
         return x

@@ -220,8 +220,24 @@ class RuntimeConfig:
 
 
 @dataclass
+class SearchConfig:
+    """The FAISS search index `build` writes beside the parts (SPEC section 4)."""
+
+    kind: str = "auto"  # auto (flat up to flat_max_rows, else ivfpq), flat, ivfpq, or none
+    metric: str = "cosine"  # cosine (normalised influence) or inner_product (influence)
+    flat_max_rows: int = 100_000
+    shard_rows: int = 1_000_000  # vectors per search shard: no machine must hold them all
+    train_rows: int = 200_000  # IVF-PQ is trained on a sample of at most this many vectors
+    nlist: int = 0  # IVF lists; 0: about 4 sqrt(N)
+    m: int = 0  # PQ sub-quantisers; 0: the largest divisor of D <= 64
+    seed: int = 0
+
+
+@dataclass
 class IndexConfig:
     vector_dtype: str = "float32"  # "float32" or "float16" for the stored w
+    store_representation: bool = True  # also store z(x) (float16) for the embedding baseline
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 @dataclass

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.index.layout import RANK
 from pipeline.index.reader import Index
 
 COLUMNS = ["key", "shard", "self_influence", "loss", "cls", "metadata"]
-OUTPUT = "rank/self_influence.parquet"
+OUTPUT = RANK
 
 
 @dataclass

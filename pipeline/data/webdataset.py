@@ -83,6 +83,7 @@ class Sample:
     image: torch.Tensor
     metadata: dict[str, Any]
     cls: int | None
+    pixel_hash: str = ""  # of the full decoded pixels: equal only for exact duplicates
 
 
 @dataclass
@@ -161,18 +162,38 @@ def decode_image(
     ImageTooLargeError when the header's width * height exceeds `max_pixels` (checked
     before any pixel is decoded) and UndecodableImageError for anything else that fails.
     """
+    return decode_image_hashed(data, side, channels, max_pixels)[0]
+
+
+def decode_image_hashed(
+    data: bytes, side: int, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[torch.Tensor, str]:
+    """`decode_image` plus a hash of the decoded pixels before resizing.
+
+    The hash covers mode, size and every pixel, so two files are equal under it exactly when
+    they decode to the same image (a PNG and a lossless re-encode of it match; a resized or
+    re-compressed copy does not).
+    """
     _check_shape_args(side, channels)
     try:
         with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
             _check_pixels(im.size, max_pixels)
             _draft(im, side, channels)
-            return _to_tensor(_fit(_convert(im, channels), side), channels)
+            converted = _convert(im, channels)
+            return _to_tensor(_fit(converted, side), channels), pixel_hash(converted)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(str(exc)) from exc
     except Exception as exc:  # PIL raises many types on hostile input; all mean "unusable"
         raise UndecodableImageError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def pixel_hash(im: Image.Image) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{im.mode}:{im.size[0]}x{im.size[1]}:".encode())
+    digest.update(im.tobytes())
+    return digest.hexdigest()
 
 
 def _check_shape_args(side: int, channels: int) -> None:
@@ -541,13 +562,13 @@ def _prepare(
 def _finish(pending: _Pending, state: _ShardState, stats: ReadStats) -> Sample | None:
     """The decoded sample, or None with the decode failure counted."""
     try:
-        image = pending.image.result()
+        image, digest = pending.image.result()
     except ImageError as exc:
         stats.skip(exc.reason)
         return None
     stats.decoded += 1
     state.samples += 1
-    return Sample(pending.key, image, pending.metadata, pending.cls)
+    return Sample(pending.key, image, pending.metadata, pending.cls, digest)
 
 
 @contextmanager
@@ -555,8 +576,8 @@ def _decoder(side: int, channels: int, max_pixels: int, threads: int):
     """`decode(bytes) -> Future[tensor]`: inline for one thread, else on a thread pool
     (PIL releases the GIL while decoding, so threads decode in parallel)."""
 
-    def work(data: bytes) -> torch.Tensor:
-        return decode_image(data, side, channels, max_pixels)
+    def work(data: bytes) -> tuple[torch.Tensor, str]:
+        return decode_image_hashed(data, side, channels, max_pixels)
 
     if threads <= 1:
 

@@ -14,3 +14,12 @@ def part_path(shard_id: str) -> str:
 def marker_path(shard_id: str) -> str:
     """Written only after the part it vouches for: its presence means the shard is done."""
     return f"markers/{shard_id}.json"
+
+
+# Outputs of the offline verbs, beside the parts (SPEC section 4).
+SEARCH_DIR = "search"  # search/manifest.json + search/shard-00000.faiss ...
+RANK = "rank/self_influence.parquet"
+DEDUP_DIR = "dedup"  # dedup/<mode>.parquet (keep/remove list) + dedup/<mode>.summary.json
+GROUPS_DIR = "groups"  # groups/<field>.stats.parquet, .share.parquet, .matrix.parquet
+QUERY_DIR = "query"  # query/results.parquet (the last `query` asked to keep its results)
+REPORT_DIR = "report"  # report/index.html + report/*.png

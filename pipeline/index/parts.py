@@ -24,24 +24,34 @@ def part_table(
     cls: list[int | None],
     metadata: list[dict],
     vector_dtype: str = "float32",
+    pixel_hashes: list[str] | None = None,
+    z: np.ndarray | None = None,
 ) -> pa.Table:
-    """Rows of one shard: key, shard, self_influence, loss, w (fixed-size list), cls, metadata."""
+    """Rows of one shard: key, shard, self_influence, loss, w (fixed-size list), cls, metadata,
+    and when given pixel_hash (of the decoded pixels) and z (unit representation, float16)."""
     if vector_dtype not in VECTOR_DTYPES:
         raise ValueError(f"vector_dtype must be one of {sorted(VECTOR_DTYPES)}")
     np_type, pa_type = VECTOR_DTYPES[vector_dtype]
-    dim = w.shape[1] if w.ndim == 2 else 0
-    flat = pa.array(np.ascontiguousarray(w, dtype=np_type).reshape(-1), type=pa_type)
-    return pa.table(
-        {
-            "key": pa.array(keys, pa.string()),
-            "shard": pa.array([shard] * len(keys), pa.string()),
-            "self_influence": pa.array(np.asarray(self_influence, np.float32)),
-            "loss": pa.array(np.asarray(loss, np.float32)),
-            "w": pa.FixedSizeListArray.from_arrays(flat, dim),
-            "cls": pa.array(cls, pa.int64()),
-            "metadata": pa.array([json.dumps(m, sort_keys=True) for m in metadata], pa.string()),
-        }
-    )
+    columns = {
+        "key": pa.array(keys, pa.string()),
+        "shard": pa.array([shard] * len(keys), pa.string()),
+        "self_influence": pa.array(np.asarray(self_influence, np.float32)),
+        "loss": pa.array(np.asarray(loss, np.float32)),
+        "w": fixed_size_list(w, np_type, pa_type),
+        "cls": pa.array(cls, pa.int64()),
+        "metadata": pa.array([json.dumps(m, sort_keys=True) for m in metadata], pa.string()),
+    }
+    if pixel_hashes is not None:
+        columns["pixel_hash"] = pa.array(pixel_hashes, pa.string())
+    if z is not None:
+        columns["z"] = fixed_size_list(z, np.float16, pa.float16())
+    return pa.table(columns)
+
+
+def fixed_size_list(x: np.ndarray, np_type, pa_type: pa.DataType) -> pa.FixedSizeListArray:
+    dim = x.shape[1] if x.ndim == 2 else 0
+    flat = pa.array(np.ascontiguousarray(x, dtype=np_type).reshape(-1), type=pa_type)
+    return pa.FixedSizeListArray.from_arrays(flat, dim)
 
 
 def table_bytes(table: pa.Table) -> bytes:
@@ -77,8 +87,8 @@ def read_part(storage, shard_id: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(part_path(shard_id))))
 
 
-def vectors(table: pa.Table) -> np.ndarray:
-    """The `w` column as a dense [N, D] array (float32 or float16 as stored)."""
-    column = table.column("w").combine_chunks()
+def vectors(table: pa.Table, column_name: str = "w") -> np.ndarray:
+    """A vector column (`w`, or `z`) as a dense [N, D] array (float32 or float16 as stored)."""
+    column = table.column(column_name).combine_chunks()
     dim = column.type.list_size
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from pipeline.augment import ViewGenerator
+from pipeline.augment import ViewGenerator, normalise_views
 from pipeline.config import InfluenceConfig, to_dict
 from pipeline.influence.curvature import LayerShape, ProjectedBatch, make_curvature
 from pipeline.influence.loss import consistency_loss
@@ -155,6 +155,25 @@ class InfluenceSSL:
             for batch_images, batch_keys in batches(images, keys, self.config.batch_size)
         ]
         return torch.cat(parts) if parts else torch.empty(0, self.curvature.dimension)
+
+    @torch.no_grad()
+    def represent(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm representation z(x) [B, out_dim] of the un-augmented images.
+
+        The embedding baseline (SemDeDup-style deduplication, cosine retrieval) compares
+        these; the images are resized to the view size and normalised like the views.
+        """
+        x = images.to(self.device, torch.float32)
+        size = self.config.augment.size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = torch.nn.functional.interpolate(
+                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+        x = normalise_views(x, self.config.augment)
+        self.encoder.eval()
+        with self.autocast():
+            z = self.encoder(x)
+        return torch.nn.functional.normalize(z.float().flatten(1), dim=1)
 
     @property
     def dimension(self) -> int:

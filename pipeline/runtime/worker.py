@@ -36,6 +36,7 @@ class Batch:
     keys: list[str]
     cls: list[int | None] = field(default_factory=list)
     metadata: list[dict] = field(default_factory=list)
+    pixel_hashes: list[str] = field(default_factory=list)
 
 
 def build_model(model: ModelConfig) -> Encoder:
@@ -62,6 +63,7 @@ class ShardWorker:
         self.engine = InfluenceSSL(build_model(model), self.config.influence)
         self.output = open_storage(self.config.output)
         self.channels = model.in_channels
+        self.store_z = self.config.index.store_representation
         # One shard computes at a time; a second queued shard decodes meanwhile.
         self.compute = threading.Lock()
 
@@ -104,7 +106,8 @@ class ShardWorker:
                 started = time.perf_counter()
                 for batch in self.batches(samples):
                     w, loss = self.engine.embed_batch_with_loss(batch.images, batch.keys)
-                    rows.add(batch, w.float().cpu(), loss.float().cpu())
+                    z = self.engine.represent(batch.images) if self.store_z else None
+                    rows.add(batch, w.float().cpu(), loss.float().cpu(), z)
                 seconds = time.perf_counter() - started
         finally:
             samples.close()
@@ -145,6 +148,7 @@ class ShardWorker:
             batch.keys.append(sample.key)
             batch.cls.append(sample.cls)
             batch.metadata.append(sample.metadata)
+            batch.pixel_hashes.append(sample.pixel_hash)
             if len(pending) == self.config.influence.batch_size:
                 batch.images = torch.stack(pending)
                 yield batch
@@ -161,15 +165,22 @@ class Rows:
         self.keys: list[str] = []
         self.cls: list[int | None] = []
         self.metadata: list[dict] = []
+        self.pixel_hashes: list[str] = []
         self.w: list[torch.Tensor] = []
         self.loss: list[torch.Tensor] = []
+        self.z: list[torch.Tensor] = []
 
-    def add(self, batch: Batch, w: torch.Tensor, loss: torch.Tensor) -> None:
+    def add(
+        self, batch: Batch, w: torch.Tensor, loss: torch.Tensor, z: torch.Tensor | None
+    ) -> None:
         self.keys += batch.keys
         self.cls += batch.cls
         self.metadata += batch.metadata
+        self.pixel_hashes += batch.pixel_hashes
         self.w.append(w)
         self.loss.append(loss)
+        if z is not None:
+            self.z.append(z.float().cpu())
 
     def table(self, url: str, dimension: int, vector_dtype: str):
         w = torch.cat(self.w) if self.w else torch.empty(0, dimension)
@@ -183,6 +194,8 @@ class Rows:
             self.cls,
             self.metadata,
             vector_dtype,
+            pixel_hashes=self.pixel_hashes,
+            z=torch.cat(self.z).numpy() if self.z else None,
         )
 
 
