@@ -15,8 +15,11 @@ from pipeline.config import PipelineConfig
 from pipeline.data import ReadStats, shard_id
 from pipeline.fit import Driver, totals
 from pipeline.index.layout import FACTORS, SUMMARY, marker_path
+from pipeline.index.lease import hold_lease
 from pipeline.index.manifest import check_compatible, read_manifest, write_manifest
 from pipeline.index.parts import read_marker
+from pipeline.index.reader import Index
+from pipeline.index.searchstore import build_search_index
 from pipeline.runtime.pool import Task, WorkerPool, connect
 from pipeline.runtime.progress import Progress
 
@@ -25,6 +28,11 @@ log = logging.getLogger(__name__)
 
 def run_build(config: PipelineConfig) -> dict:
     driver = Driver(config)
+    with hold_lease(driver.output, "build", config.force):  # one writer per output
+        return build_under_lease(driver, config)
+
+
+def build_under_lease(driver: Driver, config: PipelineConfig) -> dict:
     manifest = read_manifest(driver.output)
     if manifest is None or not manifest.get("factors"):
         raise FileNotFoundError(
@@ -62,6 +70,8 @@ def run_build(config: PipelineConfig) -> dict:
     write_manifest(driver.output, manifest)
     driver.output.write_bytes(SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode())
     print_summary(summary, driver.output.uri)
+    if summary["examples"]:
+        build_search_index(Index(config.output), config.index.search)
     return summary
 
 

@@ -226,7 +226,7 @@ class SearchConfig:
     kind: str = "auto"  # auto (flat up to flat_max_rows, else ivfpq), flat, ivfpq, or none
     metric: str = "cosine"  # cosine (normalised influence) or inner_product (influence)
     flat_max_rows: int = 100_000
-    shard_rows: int = 1_000_000  # vectors per search shard: no machine must hold them all
+    max_shard_bytes: int = 1 << 30  # float32 vectors per search shard: no machine holds all
     train_rows: int = 200_000  # IVF-PQ is trained on a sample of at most this many vectors
     nlist: int = 0  # IVF lists; 0: about 4 sqrt(N)
     m: int = 0  # PQ sub-quantisers; 0: the largest divisor of D <= 64
@@ -251,3 +251,4 @@ class PipelineConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     overwrite: bool = False  # replace an index built with other settings
+    force: bool = False  # take over the output's lease even from a live job (CLI --force)

@@ -1,12 +1,17 @@
 """`query`: top-k proponents and opponents of query examples, offline, from an index.
 
-Queries here are keys already in the index (their stored w). Influence is <w_q, w_t>;
-retrieval ranks by normalised influence (cosine) by default, and reports both.
+A query is a key already in the index (its stored w) or an image (a local file or an object
+URI), whose w is computed here with the manifest's model, views, projection and factors; a
+model or projection that differs from the manifest's is refused, naming each difference.
+Influence is <w_q, w_t>; retrieval ranks by normalised influence (cosine) by default and
+reports both. The stored search index is used when its metric matches the ranking asked for;
+otherwise an exact scan over the parts, one part at a time.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,43 +19,83 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import torch
 
+from pipeline.config import PipelineConfig, from_dict
+from pipeline.data import ImageError, decode_image
+from pipeline.index.layout import FACTORS, QUERY_DIR
+from pipeline.index.manifest import check_compatible, fingerprint
 from pipeline.index.reader import Index
-from pipeline.search import SearchIndex
+from pipeline.index.searchstore import (
+    SEARCH_MANIFEST,
+    SearchStore,
+    brute_force_top_k,
+    read_search_manifest,
+)
+from pipeline.influence.engine import InfluenceSSL
+from pipeline.models import model_identity
+from pipeline.storage import read_uri
+
+RESULTS = f"{QUERY_DIR}/results.parquet"
 
 
 @dataclass
 class QueryConfig:
     index: str = "runs/index"  # the index URI (the `output` of fit/build)
-    keys: list[str] = field(default_factory=list)  # query examples, by key
+    keys: list[str] = field(default_factory=list)  # query examples already in the index
+    images: list[str] = field(default_factory=list)  # query images: local paths or URIs
     top: int = 10
     normalized: bool = True  # rank by cos(w_q, w_t) (True) or by <w_q, w_t>
-    out: str | None = None  # also write the results: .parquet, .csv or .json
+    out: str | None = None  # also write the results here: .parquet, .csv or .json
+    save: bool = True  # keep the results beside the index (query/results.parquet) for `report`
+    # Settings to compute image queries with, on top of the manifest's (anything that changes
+    # w is refused): e.g. model.checkpoint when the checkpoint has moved.
+    model: dict = field(default_factory=dict)
+    projection: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+
+@dataclass
+class Queries:
+    names: list[str]  # the key, or the image's file name
+    sources: list[str]  # "" for keys in the index, else the image's path or URI
+    vectors: np.ndarray  # [Q, D]
 
 
 def run_query(config: QueryConfig) -> pa.Table:
-    if not config.keys:
-        raise ValueError("no query: give keys with --set 'keys=[key1, key2]'")
+    if not config.keys and not config.images:
+        raise ValueError(
+            "no query: give keys with --set 'keys=[key1, key2]' or images with "
+            "--set 'images=[a.png, s3://bucket/b.jpg]'"
+        )
+    if config.top < 1:
+        raise ValueError(f"top must be >= 1, got {config.top}")
     index = Index(config.index)
-    table = index.table(["key", "shard", "w"])  # one read of the parts
-    vectors = index.vectors(table)
-    rows = rows_of(table, config.keys)
-    queries = vectors[rows]
-    search = SearchIndex.build(vectors, normalized=config.normalized)
-    found = {
-        "proponent": search.search(queries, config.top, exact_vectors=vectors),
-        "opponent": search.search_opponents(queries, config.top, exact_vectors=vectors),
-    }
+    queries = stack(key_queries(index, config.keys), image_queries(index, config))
     results = pa.concat_tables(
         [
-            directional(table, vectors, queries, config.keys, direction, ids)
-            for direction, (_, ids) in found.items()
+            hits_table(index, queries, direction, find(index, queries, config, direction))
+            for direction in ("proponent", "opponent")
         ]
     )
-    print_results(results, config.keys)
+    print_results(results, queries.names)
+    if config.save:
+        print(f"kept for `report`: {index.write_table(RESULTS, results)}")
     if config.out:
         write_results(results, config.out)
     return results
+
+
+# -- query vectors ---------------------------------------------------------------------------
+
+
+def key_queries(index: Index, keys: list[str]) -> Queries:
+    if not keys:
+        return Queries([], [], np.empty((0, index.dimension), np.float32))
+    table = index.table(["key"])
+    rows = rows_of(table, keys)
+    vectors = index.vectors(index.take(rows, ["w"]))
+    return Queries(list(keys), [""] * len(keys), vectors)
 
 
 def rows_of(table: pa.Table, keys: list[str]) -> np.ndarray:
@@ -59,30 +104,120 @@ def rows_of(table: pa.Table, keys: list[str]) -> np.ndarray:
     missing = [key for key in keys if key not in position]
     if missing:
         raise KeyError(f"key(s) not in the index: {missing[:10]}")
-    return np.array([position[key] for key in keys])
+    return np.array([position[key] for key in keys], dtype=np.int64)
 
 
-def directional(
-    table: pa.Table,
-    vectors: np.ndarray,
-    queries: np.ndarray,
-    keys: list[str],
-    direction: str,
-    ids: np.ndarray,
+def image_queries(index: Index, config: QueryConfig) -> Queries:
+    if not config.images:
+        return Queries([], [], np.empty((0, index.dimension), np.float32))
+    engine, pipeline_config = engine_for(index, config.model, config.projection, config.device)
+    side = pipeline_config.input.side or pipeline_config.influence.augment.size
+    channels = pipeline_config.influence.model.in_channels
+    images = [
+        load_query_image(uri, side, channels, pipeline_config.input.max_pixels)
+        for uri in config.images
+    ]
+    names = [os.path.basename(str(uri).rstrip("/")) or str(uri) for uri in config.images]
+    w = engine.embed(torch.stack(images), keys=names).numpy()
+    return Queries(names, list(config.images), w)
+
+
+def engine_for(
+    index: Index, model: dict | None = None, projection: dict | None = None, device: str = "cpu"
+) -> tuple[InfluenceSSL, PipelineConfig]:
+    """The engine that produced the index, with its factors; refuses other settings.
+
+    `model` and `projection` override the manifest's settings (say, a checkpoint that moved);
+    whatever changes w (another checkpoint, another projection) is refused by the same
+    fingerprint check `build` uses.
+    """
+    from pipeline.runtime.worker import build_model  # torch model code, only for image queries
+
+    stored = index.manifest["config"]
+    influence = stored["influence"]
+    config = from_dict(
+        PipelineConfig,
+        {
+            **stored,
+            "influence": {
+                **influence,
+                "model": {**influence["model"], **(model or {})},
+                "projection": {**influence["projection"], **(projection or {})},
+                "device": device,
+            },
+        },
+    )
+    encoder = build_model(config.influence.model)
+    engine = InfluenceSSL(encoder, config.influence)
+    identity = model_identity(encoder, config.influence.model, open_uri=read_uri)
+    layers = [layer.describe() for layer in engine.tracker.layers]
+    check_compatible(index.manifest, fingerprint(config, identity, layers), "query this index")
+    engine.load_factors_bytes(index.storage.read_bytes(FACTORS), index.storage.url(FACTORS))
+    return engine, config
+
+
+def load_query_image(uri: str, side: int, channels: int, max_pixels: int) -> torch.Tensor:
+    try:
+        data = read_uri(uri)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as error:
+        raise FileNotFoundError(f"query image {uri!r} cannot be read: {error}") from error
+    try:
+        return decode_image(data, side, channels, max_pixels)
+    except ImageError as error:
+        raise ValueError(f"query image {uri!r} is not a usable image: {error}") from error
+
+
+def stack(*parts: Queries) -> Queries:
+    return Queries(
+        [n for p in parts for n in p.names],
+        [s for p in parts for s in p.sources],
+        np.concatenate([p.vectors for p in parts]).astype(np.float32),
+    )
+
+
+# -- search ----------------------------------------------------------------------------------
+
+
+def find(
+    index: Index, queries: Queries, config: QueryConfig, direction: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Global rows of the top-k per query: the stored search index when its metric matches
+    the ranking asked for, else an exact scan of the parts."""
+    opponents = direction == "opponent"
+    if stored_metric(index) == ("cosine" if config.normalized else "inner_product"):
+        return SearchStore(index).search(queries.vectors, config.top, opponents=opponents)
+    return brute_force_top_k(index, queries.vectors, config.top, config.normalized, opponents)
+
+
+def stored_metric(index: Index) -> str | None:
+    if not index.storage.exists(SEARCH_MANIFEST):
+        return None
+    manifest = read_search_manifest(index)
+    return manifest["metric"] if manifest else None
+
+
+def hits_table(
+    index: Index, queries: Queries, direction: str, found: tuple[np.ndarray, np.ndarray]
 ) -> pa.Table:
     """One row per (query, rank) with raw and normalised influence."""
-    q_index, r_index = np.meshgrid(np.arange(len(queries)), np.arange(ids.shape[1]), indexing="ij")
-    ids = ids.reshape(-1)
-    q_rows = q_index.reshape(-1)
-    influence = np.einsum("nd,nd->n", queries[q_rows], vectors[ids])
-    norms = np.linalg.norm(queries[q_rows], axis=1) * np.linalg.norm(vectors[ids], axis=1)
+    _, rows = found
+    q_of_hit = np.repeat(np.arange(len(queries.names)), rows.shape[1])
+    rank = np.tile(np.arange(rows.shape[1]), len(queries.names))
+    keep = rows.reshape(-1) >= 0
+    rows, q_of_hit, rank = rows.reshape(-1)[keep], q_of_hit[keep], rank[keep]
+    hits = index.take(rows, ["key", "shard", "w"])
+    q = queries.vectors[q_of_hit]
+    w = index.vectors(hits)
+    influence = np.einsum("nd,nd->n", q, w)
+    norms = np.linalg.norm(q, axis=1) * np.linalg.norm(w, axis=1)
     return pa.table(
         {
-            "query": pa.array([keys[q] for q in q_rows], pa.string()),
-            "direction": pa.array([direction] * len(ids), pa.string()),
-            "rank": pa.array(r_index.reshape(-1), pa.int32()),
-            "key": table.column("key").take(pa.array(ids)),
-            "shard": table.column("shard").take(pa.array(ids)),
+            "query": pa.array([queries.names[i] for i in q_of_hit], pa.string()),
+            "query_source": pa.array([queries.sources[i] for i in q_of_hit], pa.string()),
+            "direction": pa.array([direction] * len(rows), pa.string()),
+            "rank": pa.array(rank, pa.int32()),
+            "key": hits.column("key"),
+            "shard": hits.column("shard"),
             "influence": pa.array(influence.astype(np.float32)),
             "normalized_influence": pa.array(
                 (influence / np.maximum(norms, 1e-30)).astype(np.float32)
@@ -91,14 +226,17 @@ def directional(
     )
 
 
-def print_results(results: pa.Table, keys: list[str]) -> None:
+# -- output ----------------------------------------------------------------------------------
+
+
+def print_results(results: pa.Table, names: list[str]) -> None:
     rows = results.to_pylist()
-    for key in keys:
-        print(f"\nquery {key}:")
+    for name in dict.fromkeys(names):
+        print(f"\nquery {name}:")
         for direction in ("proponent", "opponent"):
             print(f"  top {direction}s:  {'influence':>12}  {'cosine':>8}  key")
             for row in rows:
-                if row["query"] == key and row["direction"] == direction:
+                if row["query"] == name and row["direction"] == direction:
                     scores = f"{row['influence']:>12.5g}  {row['normalized_influence']:>8.4f}"
                     print(f"  {row['rank']:>14}  {scores}  {row['key']}")
 

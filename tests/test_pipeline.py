@@ -327,6 +327,8 @@ def test_query_by_key_finds_the_example_itself_first(built, tmp_path):
     keys = ["d0005", "d0123", "d0230"]
     out = tmp_path / "query.csv"
     results = run_query(QueryConfig(index=str(output), keys=keys, top=5, out=str(out)))
+    kept = pq.read_table(os.path.join(output, "query", "results.parquet"))
+    assert kept.equals(results)
     rows = results.to_pylist()
     _, table = read_index(output)
     w = np.stack(table.column("w").to_numpy(zero_copy_only=False)).astype(np.float64)
@@ -351,6 +353,34 @@ def test_query_by_key_finds_the_example_itself_first(built, tmp_path):
     assert len(written) == 1 + 30 and written[0].startswith('"query"')
     with pytest.raises(KeyError, match="not in the index"):
         run_query(QueryConfig(index=str(output), keys=["no-such-key"]))
+
+
+def test_query_by_image_file_computes_w_with_the_manifest_settings(built, digits, tmp_path):
+    from pipeline.index.manifest import FORMAT
+    from pipeline.query import QueryConfig, run_query
+
+    _, _, output, _ = built
+    assert os.path.exists(os.path.join(output, "search", "manifest.json"))  # written by build
+    # Views are keyed by name: a file named like the key gives exactly the stored w.
+    image = tmp_path / "d0005"
+    image.write_bytes(png_bytes(digits[5]))
+    results = run_query(QueryConfig(index=str(output), images=[str(image)], top=3, save=False))
+    proponents = [r for r in results.to_pylist() if r["direction"] == "proponent"]
+    assert proponents[0]["key"] == "d0005" and proponents[0]["query_source"] == str(image)
+    assert proponents[0]["normalized_influence"] == pytest.approx(1.0, abs=1e-4)
+
+    with pytest.raises(IndexMismatchError, match="projection.dim_in"):
+        run_query(QueryConfig(index=str(output), images=[str(image)], projection={"dim_in": 4}))
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match="not a usable image"):
+        run_query(QueryConfig(index=str(output), images=[str(text)]))
+    with pytest.raises(FileNotFoundError, match="cannot be read"):
+        run_query(QueryConfig(index=str(output), images=[str(tmp_path / "missing.png")]))
+    empty = open_storage(str(tmp_path / "empty"))
+    empty.write_bytes(MANIFEST, json.dumps({"format": FORMAT, "shards": []}).encode())
+    with pytest.raises(ValueError, match="empty"):
+        run_query(QueryConfig(index=str(tmp_path / "empty"), keys=["d0005"]))
 
 
 def test_a_failing_shard_leaves_no_reader_threads_behind(built, digits):

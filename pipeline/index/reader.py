@@ -31,11 +31,40 @@ class Index:
 
     def table(self, columns: list[str] | None = None) -> pa.Table:
         """All finished parts, in shard order."""
-        parts = [
-            pq.read_table(io.BytesIO(self.storage.read_bytes(s["part"])), columns=columns)
-            for s in self.manifest["shards"]
-        ]
-        return pa.concat_tables(parts)
+        return pa.concat_tables(
+            [self.read_part(s["part"], columns) for s in self.manifest["shards"]]
+        )
+
+    def read_part(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.storage.read_bytes(path)), columns=columns)
+
+    def offsets(self) -> np.ndarray:
+        """First global row of each part, and the total at the end ([parts + 1])."""
+        counts = [int(s["examples"]) for s in self.manifest["shards"]]
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def take(self, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """The given global rows, in the given order, reading only the parts that hold them."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        offsets = self.offsets()
+        if len(rows) and (rows.min() < 0 or rows.max() >= offsets[-1]):
+            raise IndexError(f"rows out of range [0, {offsets[-1]})")
+        part_of = np.searchsorted(offsets, rows, side="right") - 1
+        pieces, order = [], []
+        for part in np.unique(part_of):
+            wanted = np.flatnonzero(part_of == part)
+            table = self.read_part(self.manifest["shards"][part]["part"], columns)
+            pieces.append(table.take(pa.array(rows[wanted] - offsets[part])))
+            order.append(wanted)
+        if not pieces:
+            return self.read_part(self.manifest["shards"][0]["part"], columns).slice(0, 0)
+        combined = pa.concat_tables(pieces)
+        return combined.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+
+    def has_column(self, name: str) -> bool:
+        """Whether the parts carry a column (older indices lack pixel_hash and z)."""
+        first = self.manifest["shards"][0]["part"]
+        return name in pq.read_schema(io.BytesIO(self.storage.read_bytes(first))).names
 
     def vectors(self, table: pa.Table | None = None) -> np.ndarray:
         """The `w` column (of `table`, or read now) as a dense [N, D] float32 array."""
