@@ -1,20 +1,83 @@
-"""`influence-ssl <verb>`: one verb per job; each is also a module under `jobs/`."""
+"""`influence-ssl <verb>`: one verb per job; each is also a module under `jobs/`.
+
+`fit` and `build` run on Ray (a cluster at `runtime.address` / RAY_ADDRESS, else an embedded
+local one). The offline verbs read an index and need no Ray; for them `--out` names the index.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from dataclasses import dataclass
 
 from pipeline.config import load_config
 
+
+@dataclass(frozen=True)
+class Verb:
+    help: str
+    config: str  # "module:ConfigClass"
+    run: str  # "module:run_function"
+    out_key: str | None = None  # the setting `--out` fills in (offline verbs: the index)
+
+
 VERBS = {
-    "demo": "the whole method on bundled real digits: train an SSL encoder, fit, embed, score",
-    "fit": "stream a sample of shards; fit the projected curvature; write factors and manifest",
-    "build": "stream every shard; write one index part (and marker) per shard",
-    "rank": "examples of an index ordered by self-influence (outliers, memorisation)",
-    "query": "top-k proponents and opponents of examples already in an index (by key)",
+    "demo": Verb(
+        "the whole path on bundled real digits: shards, SSL encoder, fit, build, query, "
+        "rank, dedup, groups, report",
+        "pipeline.demo:DemoConfig",
+        "pipeline.demo:run_demo",
+        "out",
+    ),
+    "fit": Verb(
+        "stream a sample of shards; fit the projected curvature; write factors and manifest",
+        "pipeline.config:PipelineConfig",
+        "pipeline.fit:run_fit",
+    ),
+    "build": Verb(
+        "stream every shard; write one index part (and marker) per shard, then the search index",
+        "pipeline.config:PipelineConfig",
+        "pipeline.build:run_build",
+    ),
+    "query": Verb(
+        "top-k proponents and opponents of keys in the index or of image files/URIs",
+        "pipeline.query:QueryConfig",
+        "pipeline.query:run_query",
+        "index",
+    ),
+    "rank": Verb(
+        "examples ordered by self-influence (outliers, memorisation)",
+        "pipeline.rank:RankConfig",
+        "pipeline.rank:run_rank",
+        "index",
+    ),
+    "dedup": Verb(
+        "exact and influence duplicates: groups and a keep/remove list",
+        "pipeline.dedup:DedupConfig",
+        "pipeline.dedup:run_dedup",
+        "index",
+    ),
+    "groups": Verb(
+        "self-influence and influence between groups of a metadata field",
+        "pipeline.groups:GroupsConfig",
+        "pipeline.groups:run_groups",
+        "index",
+    ),
+    "report": Verb(
+        "a static HTML report with thumbnails and plots of the outputs above",
+        "pipeline.report:ReportConfig",
+        "pipeline.report:run_report",
+        "index",
+    ),
+    "validate": Verb(
+        "measure attribution quality (LDS against baselines, removal test) on bundled digits",
+        "pipeline.validate:ValidateConfig",
+        "pipeline.validate:run_validate",
+    ),
 }
+PIPELINE_VERBS = ("fit", "build")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Label-free influence (Influence-SSL) for self-supervised image encoders.",
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, help_text in VERBS.items():
-        command = sub.add_parser(verb, help=help_text, description=help_text)
+    for name, verb in VERBS.items():
+        command = sub.add_parser(name, help=verb.help, description=verb.help)
         command.add_argument("--config", help="YAML file with settings")
         command.add_argument(
             "--set",
@@ -35,11 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="override one setting, e.g. --set influence.curvature.kind=dense",
         )
         command.add_argument(
-            "--out", help="output (for rank: the index) folder or s3:// URI, a --set shortcut"
+            "--out",
+            help="the output folder or s3:// URI (for offline verbs: the index to read)",
         )
-        if verb in ("fit", "build"):
+        if name in PIPELINE_VERBS:
             command.add_argument(
                 "--shards", nargs="+", help="input shards: paths, globs, {a..b}, s3://prefix/"
+            )
+            command.add_argument(
+                "--force", action="store_true", help="take over another run's lease on --out"
             )
         command.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -51,48 +118,35 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.verb == "demo":
-        from pipeline.demo import DemoConfig, run_demo
-
-        overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
-        run_demo(load_config(DemoConfig, args.config, overrides))
-        return 0
-    if args.verb in ("rank", "query"):
-        return run_offline_verb(args)
-    return run_pipeline_verb(args)
-
-
-def run_offline_verb(args: argparse.Namespace) -> int:
-    """Verbs that read an index and need no Ray: `--out` names the index."""
-    overrides = list(args.overrides) + ([f"index={args.out}"] if args.out else [])
-    if args.verb == "rank":
-        from pipeline.rank import RankConfig, run_rank
-
-        run_rank(load_config(RankConfig, args.config, overrides))
-    else:
-        from pipeline.query import QueryConfig, run_query
-
-        run_query(load_config(QueryConfig, args.config, overrides))
+    verb = VERBS[args.verb]
+    config = load_config(resolve(verb.config), args.config, overrides_of(args, verb))
+    result = resolve(verb.run)(config)
+    if args.verb == "build":
+        return 1 if result["failed"] or result["shards_missing"] else 0
     return 0
 
 
-def run_pipeline_verb(args: argparse.Namespace) -> int:
-    from pipeline.config import PipelineConfig
+def resolve(path: str):
+    """`module:name` -> the object (imported on use: `query` never loads Ray, say)."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
-    config = load_config(PipelineConfig, args.config, list(args.overrides))
+
+def overrides_of(args: argparse.Namespace, verb: Verb) -> list[str]:
+    """`--set` values, then the shortcuts (`--out`, `--shards`, `--force`) on top."""
+    overrides = list(args.overrides)
     if args.out:
-        config.output = args.out
-    if args.shards:
-        config.input.shards = list(args.shards)
-    if args.verb == "fit":
-        from pipeline.fit import run_fit
+        overrides.append(f"{verb.out_key or 'output'}={args.out}")
+    if getattr(args, "shards", None):
+        overrides.append("input.shards=[" + ", ".join(quote(s) for s in args.shards) + "]")
+    if getattr(args, "force", False):
+        overrides.append("force=true")
+    return overrides
 
-        run_fit(config)
-        return 0
-    from pipeline.build import run_build
 
-    summary = run_build(config)
-    return 1 if summary["failed"] or summary["shards_missing"] else 0
+def quote(value: str) -> str:
+    """A YAML flow-sequence item that stays a plain string (braces and commas included)."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 if __name__ == "__main__":

