@@ -16,6 +16,7 @@ import random
 from pipeline.config import FitConfig, PipelineConfig
 from pipeline.data import ReadStats, expand_shards
 from pipeline.index.layout import FACTORS, MANIFEST
+from pipeline.index.lease import hold_lease
 from pipeline.index.manifest import (
     IndexMismatchError,
     differences,
@@ -61,6 +62,11 @@ class Driver:
 
 def run_fit(config: PipelineConfig) -> dict:
     driver = Driver(config)
+    with hold_lease(driver.output, "fit", config.force):  # one writer per output
+        return fit_under_lease(driver, config)
+
+
+def fit_under_lease(driver: Driver, config: PipelineConfig) -> dict:
     existing = read_manifest(driver.output)
     if existing is not None:
         changed = differences(driver.fingerprint, existing["fingerprint"])

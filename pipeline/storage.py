@@ -13,6 +13,7 @@ broken body with a Range GET pinned to the object's ETag.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import io
@@ -205,6 +206,19 @@ class Storage(ABC):
     def child(self, path: str) -> Storage:
         """Storage rooted at root/path."""
 
+    @abstractmethod
+    def create(self, path: str, data: bytes) -> bool:
+        """Publish ``data`` only if no object exists at ``path``, atomically; False if one did.
+
+        After a lost response the object may be ours although this says False: a caller that
+        must know reads it back (the lease puts a unique owner id in the data for that).
+        """
+
+    @abstractmethod
+    def replace_if(self, path: str, expected: bytes, data: bytes | None) -> bool:
+        """Compare-and-swap: replace the object with ``data`` (None: delete it) only if it
+        still holds exactly ``expected``; False if it is missing or changed."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
 
@@ -279,6 +293,48 @@ class LocalStorage(Storage):
 
     def child(self, path: str) -> LocalStorage:
         return LocalStorage(self._path(path))
+
+    def create(self, path: str, data: bytes) -> bool:
+        # os.link never replaces an existing name: O_CREAT|O_EXCL semantics for a whole file.
+        target = self._path(path)
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        finally:
+            with suppress(FileNotFoundError):
+                os.remove(tmp)
+        _fsync_dir(parent)
+        return True
+
+    def replace_if(self, path: str, expected: bytes, data: bytes | None) -> bool:
+        # An flock on a hidden sibling serialises compare-and-swaps; `create` needs no lock,
+        # since the object never disappears here unless deleted on purpose.
+        target = self._path(path)
+        lock = os.path.join(
+            os.path.dirname(target), f"{_TMP_PREFIX}lock-{os.path.basename(target)}"
+        )
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                current = self.read_bytes(path)
+            except FileNotFoundError:
+                return False
+            if current != expected:
+                return False
+            if data is None:
+                self.delete(path)
+            else:
+                self.write_bytes(path, data)
+            return True
 
 
 def _may_match(folder: str, prefix: str) -> bool:
@@ -426,6 +482,21 @@ def _short(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- S3
 
 
+_CONNECT_TIMEOUT = "INFLUENCE_SSL_S3_CONNECT_TIMEOUT"
+_READ_TIMEOUT = "INFLUENCE_SSL_S3_READ_TIMEOUT"
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment, else ``default``."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    value = float(raw)
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class S3Options:
     """Client and transfer settings; none of them secret (credentials come from boto3's chain).
@@ -445,8 +516,9 @@ class S3Options:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     client_max_attempts: int = 8
     retry_mode: str = "standard"
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    # Seconds; the environment can tune them for every process of a job, Ray workers too.
+    connect_timeout: float = field(default_factory=lambda: _env_seconds(_CONNECT_TIMEOUT, 10.0))
+    read_timeout: float = field(default_factory=lambda: _env_seconds(_READ_TIMEOUT, 60.0))
     addressing_style: str | None = None
 
     def __post_init__(self) -> None:
@@ -649,10 +721,51 @@ class S3Storage(Storage):
         delete = partial(self.client.delete_object, **self._at(self._key(path)))
         self._call("delete", self.url(path), delete)
 
+    def create(self, path: str, data: bytes) -> bool:
+        key = self._key(path)
+        put = partial(self.client.put_object, **self._at(key), Body=data, IfNoneMatch="*")
+        return self._call("create", self.url(path), partial(_conditional, put))
+
+    def replace_if(self, path: str, expected: bytes, data: bytes | None) -> bool:
+        key, uri = self._key(path), self.url(path)
+
+        def swap() -> bool:
+            try:
+                response = self.client.get_object(**self._at(key))
+            except ClientError as exc:
+                if _client_error_code(exc)[1] == 404:
+                    return False
+                raise
+            with response["Body"] as body:
+                current = body.read()
+            if current != expected:
+                return False
+            if data is None:  # S3 and moto accept If-Match on DELETE
+                return _conditional(
+                    partial(self.client.delete_object, **self._at(key), IfMatch=response["ETag"])
+                )
+            put = partial(self.client.put_object, **self._at(key), Body=data)
+            return _conditional(partial(put, IfMatch=response["ETag"]))
+
+        return self._call("replace_if", uri, swap)
+
     def child(self, path: str) -> S3Storage:
         sub = S3Storage(self.bucket, self._key(path), self.options)
         sub._client, sub._client_pid = self._client, self._client_pid
         return sub
+
+
+def _conditional(request: Callable[[], Any]) -> bool:
+    """Run a conditional request: False when its precondition failed (412), or when a
+    concurrent conditional write won (409 ConditionalRequestConflict)."""
+    try:
+        request()
+    except ClientError as exc:
+        code, status = _client_error_code(exc)
+        if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise
+    return True
 
 
 class _S3Reader(io.RawIOBase):

@@ -8,7 +8,9 @@ environment variables at the server and restores them afterwards.
 from __future__ import annotations
 
 import logging
+import random
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import suppress
@@ -193,3 +195,102 @@ def _read_exact(conn: socket.socket, n: int) -> bytes:
         chunks.append(chunk)
         n -= len(chunk)
     return b"".join(chunks)
+
+
+def _error_response(status: str, code: str, message: str) -> bytes:
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+        f"<Message>{message}</Message><RequestId>proxy</RequestId></Error>"
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+FAULTS = ("slowdown", "internal", "reset", "stall")
+_CANNED = {
+    "slowdown": _error_response("503 Slow Down", "SlowDown", "Please reduce your request rate."),
+    "internal": _error_response("500 Internal Server Error", "InternalError", "Try again."),
+}
+
+
+class FaultProxy(FlakyProxy):
+    """A proxy that injects faults into a seeded random fraction ``rate`` of requests, each
+    of a kind drawn from ``faults``:
+
+    - ``slowdown``: 503 SlowDown, nothing forwarded;
+    - ``internal``: 500 InternalError, nothing forwarded;
+    - ``reset``: the connection is reset (RST) as soon as the request head arrives;
+    - ``stall``: the request is forwarded (so the server acts on it) and the answer held for
+      ``stall`` seconds, past the client's read timeout, then the connection is dropped: the
+      client sees a timeout for a request that did happen (a lost response).
+
+    The first ``len(faults)`` injections take the kinds in turn, so a short run meets every
+    kind. ``counts`` holds how many of each were injected, ``forwarded`` the clean requests.
+    ``max_connections`` bounds the connections accepted in all.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        rate: float,
+        seed: int = 0,
+        faults: tuple[str, ...] = FAULTS,
+        stall: float = 3.0,
+        max_connections: int = 100_000,
+    ) -> None:
+        super().__init__(upstream, max_connections=max_connections, timeout=stall + 10.0)
+        unknown = set(faults) - set(FAULTS)
+        if unknown or not 0.0 <= rate <= 1.0:
+            raise ValueError(f"bad fault settings: rate {rate}, unknown kinds {unknown}")
+        self.rate, self.faults, self.stall = rate, tuple(faults), stall
+        self._random = random.Random(seed)
+        self.counts = dict.fromkeys(FAULTS, 0)
+        self.forwarded = 0
+
+    def _draw(self) -> str | None:
+        with self._lock:
+            kind = None
+            if self.faults and self._random.random() < self.rate:
+                # The first faults go round the kinds, so a short run still meets each one.
+                injected = sum(self.counts.values())
+                kind = (
+                    self.faults[injected]
+                    if injected < len(self.faults)
+                    else self._random.choice(self.faults)
+                )
+                self.counts[kind] += 1
+            else:
+                self.forwarded += 1
+            return kind
+
+    def _exchange(self, conn: socket.socket) -> None:
+        head, body = _read_head(conn)
+        if head is None:
+            return
+        kind = self._draw()
+        if kind == "reset":
+            # SO_LINGER 0: close sends RST, the client's socket errors (connection reset).
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])
+        }
+        expects = headers.get("expect", "").lower() == "100-continue"
+        if kind in _CANNED and expects:  # the client waits for us and never sends the body
+            conn.sendall(_CANNED[kind])
+            return
+        if expects:
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body += _read_exact(conn, int(headers.get("content-length", "0")) - len(body))
+        if kind in _CANNED:
+            conn.sendall(_CANNED[kind])
+            return
+        response = self._forward(lines, body)
+        if kind == "stall":
+            self._stop.wait(self.stall)
+            return
+        conn.sendall(response)

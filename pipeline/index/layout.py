@@ -5,6 +5,7 @@ from __future__ import annotations
 MANIFEST = "manifest.json"
 FACTORS = "factors/factors.safetensors"
 SUMMARY = "stats/summary.json"
+LEASE = "lease.json"  # one writer per output (index/lease.py)
 
 
 def part_path(shard_id: str) -> str:

@@ -94,6 +94,7 @@ class ShardWorker:
                     examples += len(batch.keys)
         finally:
             samples.close()  # also on failure: no reader thread left behind for a retry
+        check_stream(url, read)
         return {"stats": stats.to_tensors(), "read": read.to_dict(), "examples": examples}
 
     def build_shard(self, url: str) -> dict:
@@ -111,7 +112,9 @@ class ShardWorker:
                 seconds = time.perf_counter() - started
         finally:
             samples.close()
-        table = rows.table(url, self.engine.dimension, self.config.index.vector_dtype)
+        check_stream(url, read)
+        z_dim = self.engine.encoder.out_dim if self.store_z else None
+        table = rows.table(url, self.engine.dimension, self.config.index.vector_dtype, z_dim)
         record = {
             "shard": url,
             "shard_id": shard_id(url),
@@ -158,6 +161,18 @@ class ShardWorker:
             yield batch
 
 
+class ShardReadError(OSError):
+    """The shard's stream failed after storage retries: the shard is retried, never marked
+    done with a prefix of its examples (bad *data* is skipped and counted; a failing
+    *store* is not bad data)."""
+
+
+def check_stream(url: str, read: ReadStats) -> None:
+    digest = read.shards.get(url)
+    if digest is not None and digest.error == "read_error":
+        raise ShardReadError(f"reading {url} failed after retries; the shard will be retried")
+
+
 class Rows:
     """Collects one shard's rows batch by batch."""
 
@@ -182,9 +197,11 @@ class Rows:
         if z is not None:
             self.z.append(z.float().cpu())
 
-    def table(self, url: str, dimension: int, vector_dtype: str):
+    def table(self, url: str, dimension: int, vector_dtype: str, z_dim: int | None = None):
         w = torch.cat(self.w) if self.w else torch.empty(0, dimension)
         loss = torch.cat(self.loss) if self.loss else torch.empty(0)
+        # An empty shard's part keeps the z column, so every part has one schema.
+        z = torch.cat(self.z) if self.z else (torch.empty(0, z_dim) if z_dim else None)
         return part_table(
             self.keys,
             url,
@@ -195,7 +212,7 @@ class Rows:
             self.metadata,
             vector_dtype,
             pixel_hashes=self.pixel_hashes,
-            z=torch.cat(self.z).numpy() if self.z else None,
+            z=z.numpy() if z is not None else None,
         )
 
 
