@@ -230,6 +230,7 @@ class SearchConfig:
     train_rows: int = 200_000  # IVF-PQ is trained on a sample of at most this many vectors
     nlist: int = 0  # IVF lists; 0: about 4 sqrt(N)
     m: int = 0  # PQ sub-quantisers; 0: the largest divisor of D <= 64
+    reduce_dim: int = 256  # IVF-PQ works on the top principal directions (0: all of D)
     seed: int = 0
 
 

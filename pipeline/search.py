@@ -56,8 +56,14 @@ class SearchIndex:
         nlist: int | None = None,
         m: int | None = None,
         seed: int = 0,
+        reduce_dim: int = 0,
     ) -> SearchIndex:
-        """Build an index over ``vectors`` [N, D]; ``normalized`` stores unit vectors (cosine)."""
+        """Build an index over ``vectors`` [N, D]; ``normalized`` stores unit vectors (cosine).
+
+        For ivfpq, ``reduce_dim`` (0: off) first maps vectors to their top principal
+        directions (uncentred, so inner products are preserved as far as the directions
+        kept): k-means and PQ then work in that space, and re-ranking restores exactness.
+        """
         x = _as_matrix(vectors, "vectors")
         n, d = x.shape
         if n == 0:
@@ -71,7 +77,7 @@ class SearchIndex:
         if kind == "flat":
             index = faiss.IndexFlatIP(d)
         elif kind == "ivfpq":
-            index = _train_ivfpq(x, nlist, m, seed)
+            index = _train_ivfpq(x, nlist, m, seed, reduce_dim)
         else:
             raise ValueError(f"unknown index kind {kind!r}; expected 'auto', 'flat' or 'ivfpq'")
         index.add(x)
@@ -214,8 +220,17 @@ def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _train_ivfpq(x: np.ndarray, nlist: int | None, m: int | None, seed: int) -> faiss.Index:
-    n, d = x.shape
+def _train_ivfpq(
+    x: np.ndarray, nlist: int | None, m: int | None, seed: int, reduce_dim: int = 0
+) -> faiss.Index:
+    n, d_in = x.shape
+    rng = np.random.default_rng(seed)
+    n_train = min(n, 256 * (nlist or default_nlist(n)))
+    sample = x[np.sort(rng.choice(n, size=n_train, replace=False))] if n_train < n else x
+    reduce = _principal_map(sample, reduce_dim) if 0 < reduce_dim < d_in else None
+    if reduce is not None:
+        sample = reduce.apply(sample)
+    d = sample.shape[1]
     nlist = default_nlist(n) if nlist is None else nlist
     m = default_m(d) if m is None else m
     if not 1 <= nlist <= n:
@@ -228,11 +243,25 @@ def _train_ivfpq(x: np.ndarray, nlist: int | None, m: int | None, seed: int) -> 
     index = faiss.IndexIVFPQ(quantizer, d, nlist, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = seed
     index.pq.cp.seed = seed
-    rng = np.random.default_rng(seed)
-    n_train = min(n, 256 * nlist)
-    sample = x[np.sort(rng.choice(n, size=n_train, replace=False))] if n_train < n else x
     index.train(sample)
-    return index
+    if reduce is None:
+        return index
+    wrapped = faiss.IndexPreTransform(reduce, index)
+    wrapped.own_fields = True
+    reduce.this.disown()
+    index.this.disown()
+    return wrapped
+
+
+def _principal_map(x: np.ndarray, dim: int) -> faiss.LinearTransform:
+    """y = U^T x with U the top `dim` eigenvectors of the uncentred second moment of x."""
+    moment = x.T.astype(np.float64) @ x.astype(np.float64) / len(x)
+    _, vectors = np.linalg.eigh(moment)
+    top = np.ascontiguousarray(vectors[:, ::-1][:, :dim].T, dtype=np.float32)  # [dim, D]
+    transform = faiss.LinearTransform(x.shape[1], dim, False)
+    faiss.copy_array_to_vector(top.ravel(), transform.A)
+    transform.is_trained = True
+    return transform
 
 
 def _finish(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -314,7 +343,9 @@ def _check_header(header: object) -> None:
 
 def _check_loaded(index: faiss.Index, header: dict) -> None:
     expected = faiss.IndexFlatIP if header["kind"] == "flat" else faiss.IndexIVFPQ
-    if not isinstance(index, expected):
+    wrapped = isinstance(index, faiss.IndexPreTransform)
+    inner = faiss.downcast_index(index.index) if wrapped else index
+    if not isinstance(inner, expected):
         raise ValueError(f"FAISS index is {type(index).__name__}, header says {header['kind']}")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ValueError("FAISS index does not use the inner-product metric")

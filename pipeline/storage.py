@@ -170,6 +170,10 @@ class Storage(ABC):
     def url(self, path: str) -> str:
         """Full URI of ``path`` under the root ('' gives the root itself)."""
 
+    def local_path(self, path: str) -> str | None:
+        """A filesystem path of the object when it is a local file (memory-mappable)."""
+        return None
+
     @abstractmethod
     def read_bytes(self, path: str) -> bytes:
         """The whole object; FileNotFoundError if missing."""
@@ -238,6 +242,9 @@ class LocalStorage(Storage):
 
     def url(self, path: str) -> str:
         return self._path(path) if path else self.uri
+
+    def local_path(self, path: str) -> str | None:
+        return self._path(path)
 
     def read_bytes(self, path: str) -> bytes:
         with open(self._path(path), "rb") as f:

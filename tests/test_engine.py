@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -15,7 +13,6 @@ from pipeline.config import (
     ProjectionConfig,
     load_config,
 )
-from pipeline.demo import DemoConfig, run_demo
 from pipeline.influence.engine import InfluenceSSL, default_keys
 from pipeline.influence.scoring import influence, self_influence, top_k
 from pipeline.models import build_encoder
@@ -84,28 +81,6 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.augment.crop_scale == (0.5, 1.0)
     with pytest.raises(ValueError, match="unknown setting"):
         load_config(InfluenceConfig, None, ["projection.dims=3"])
-
-
-def test_demo_runs_end_to_end(tmp_path):
-    config = load_config(
-        DemoConfig,
-        None,
-        [
-            f"out={tmp_path}",
-            "num_train=150",
-            "num_outliers=4",
-            "train.steps=3",
-            "train.batch_size=32",
-        ],
-    )
-    summary = run_demo(config)
-    assert summary["examples"] == 154
-    assert len(summary["queries"]) == 3
-    assert all(len(q["proponents"]) == 5 for q in summary["queries"])
-    written = json.loads((tmp_path / "summary.json").read_text())
-    assert written["dimension"] == summary["dimension"] > 0
-    assert (tmp_path / "factors.safetensors").stat().st_size > 0
-    assert (tmp_path / "encoder.safetensors").stat().st_size > 0
 
 
 def test_bf16_autocast_keeps_w_close_to_float32_on_a_trained_encoder(digits):

@@ -4,13 +4,16 @@ Layout under the index URI::
 
     search/manifest.json        kind, metric, D, N, the parts it covers (with their sha256)
     search/shard-00000.faiss    a `pipeline.search.SearchIndex` over a contiguous run of parts
+    search/shard-00000.npy      (IVF-PQ only) the shard's vectors in float16, for re-ranking
 
 Rows are numbered 0..N-1 in the index's shard order (the order of `Index.table()`); a search
 shard covers whole parts, at most `max_shard_bytes` of float32 vectors, so building or
 searching never holds more than one shard's vectors. For IVF-PQ the coarse quantiser and the
 codebooks are trained once, on a seeded sample drawn across all parts, and every shard is a
 copy of that trained index: scores are comparable across shards, and the top-k of a query is
-the merge of each shard's top-k, re-ranked with the exact vectors of the shard.
+the merge of each shard's top-k, re-ranked with the shard's vectors. Those are a float16 .npy
+file, memory-mapped (copied to a local cache first for s3://), so re-ranking touches only the
+candidate rows; the influence reported for a hit is recomputed from the parts' `w`.
 
 The search manifest records the parts it was built from; `build` rebuilds the search index
 when they changed (a rerun that added shards) and leaves it alone otherwise.
@@ -19,9 +22,13 @@ when they changed (a rerun that added shards) and leaves it alone otherwise.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import logging
+import os
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -115,9 +122,15 @@ def build_search_index(index: Index, config: SearchConfig) -> dict | None:
     for number, run in enumerate(runs):
         vectors = read_vectors(index, [parts[i]["part"] for i in run])
         search = shard_index(vectors, kind, normalized, trained)
-        name = f"{SEARCH_DIR}/shard-{number:05d}.faiss"
-        index.storage.write_bytes(name, search.to_bytes().tobytes())
-        shards.append({"file": name, "parts": run, "offset": offset, "rows": len(vectors)})
+        name = f"{SEARCH_DIR}/shard-{number:05d}"
+        index.storage.write_bytes(f"{name}.faiss", search.to_bytes().tobytes())
+        entry = {"file": f"{name}.faiss", "parts": run, "offset": offset, "rows": len(vectors)}
+        if kind == "ivfpq":
+            data = npy_bytes(vectors.astype(np.float16))
+            entry["vectors"] = f"{name}.npy"
+            entry["vectors_sha256"] = hashlib.sha256(data).hexdigest()
+            index.storage.write_bytes(entry["vectors"], data)
+        shards.append(entry)
         offset += len(vectors)
     manifest = {
         "format": FORMAT,
@@ -137,6 +150,12 @@ def build_search_index(index: Index, config: SearchConfig) -> dict | None:
         flush=True,
     )
     return manifest
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def read_vectors(index: Index, part_paths: list[str]) -> np.ndarray:
@@ -169,8 +188,11 @@ def train_ivfpq(index: Index, parts: list[dict], config: SearchConfig, total: in
         x = l2_normalize(x)
     nlist = config.nlist or default_nlist(total)
     nlist = min(nlist, max(1, len(x) // 39))  # FAISS wants >= 39 training points per list
-    m = config.m or default_m(x.shape[1])
-    trained = SearchIndex.build(x, kind="ivfpq", nlist=nlist, m=m, seed=config.seed)
+    reduced = config.reduce_dim if 0 < config.reduce_dim < x.shape[1] else x.shape[1]
+    m = config.m or default_m(reduced)
+    trained = SearchIndex.build(
+        x, kind="ivfpq", nlist=nlist, m=m, seed=config.seed, reduce_dim=config.reduce_dim
+    )
     trained.index.reset()  # keep the trained quantiser and codebooks, drop the sample
     return faiss.serialize_index(trained.index).tobytes()
 
@@ -203,15 +225,32 @@ class SearchStore:
         found_scores, found_rows = [], []
         for shard in self.manifest["shards"]:
             search = SearchIndex.from_bytes(self.index.storage.read_bytes(shard["file"]))
-            exact = None
-            if search.kind == "ivfpq":
-                paths = [self.manifest["parts_covered"][i]["part"] for i in shard["parts"]]
-                exact = read_vectors(self.index, paths)
+            exact = self.rerank_vectors(shard) if search.kind == "ivfpq" else None
             find = search.search_opponents if opponents else search.search
             scores, rows = find(queries, k, exact_vectors=exact, nprobe=nprobe)
             found_scores.append(scores)
             found_rows.append(np.where(rows >= 0, rows + shard["offset"], -1))
         return merge_top_k(np.hstack(found_scores), np.hstack(found_rows), k, opponents)
+
+    def rerank_vectors(self, shard: dict) -> np.ndarray:
+        """The shard's float16 vectors, memory-mapped from a local file."""
+        storage, name = self.index.storage, shard["vectors"]
+        local = storage.local_path(name)
+        if local is None:
+            local = cache_path(shard["vectors_sha256"])
+            if not local.exists():
+                local.parent.mkdir(parents=True, exist_ok=True)
+                partial = local.with_suffix(".partial")
+                partial.write_bytes(storage.read_bytes(name))
+                partial.replace(local)
+        return np.load(local, mmap_mode="r", allow_pickle=False)
+
+
+def cache_path(sha256: str) -> Path:
+    """Where a remote shard's vectors are cached: named by their content hash, so a rebuilt
+    search index never meets a stale copy ($INFLUENCE_SSL_CACHE, else ~/.cache)."""
+    root = Path(os.environ.get("INFLUENCE_SSL_CACHE", Path.home() / ".cache" / "influence-ssl"))
+    return root / "search" / f"{sha256}.npy"
 
 
 def merge_top_k(
