@@ -255,8 +255,11 @@ def _train_ivfpq(
 
 def _principal_map(x: np.ndarray, dim: int) -> faiss.LinearTransform:
     """y = U^T x with U the top `dim` eigenvectors of the uncentred second moment of x."""
-    moment = x.T.astype(np.float64) @ x.astype(np.float64) / len(x)
-    _, vectors = np.linalg.eigh(moment)
+    moment = np.zeros((x.shape[1], x.shape[1]), np.float64)
+    for lo in range(0, len(x), 8192):  # float32 products, float64 sums: bounded memory
+        chunk = x[lo : lo + 8192]
+        moment += chunk.T @ chunk
+    _, vectors = np.linalg.eigh(moment / len(x))
     top = np.ascontiguousarray(vectors[:, ::-1][:, :dim].T, dtype=np.float32)  # [dim, D]
     transform = faiss.LinearTransform(x.shape[1], dim, False)
     faiss.copy_array_to_vector(top.ravel(), transform.A)

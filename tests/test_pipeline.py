@@ -402,3 +402,16 @@ def test_a_failing_shard_leaves_no_reader_threads_behind(built, digits):
             worker.build_shard(urls[0])
     time.sleep(0.5)
     assert threading.active_count() == before
+
+
+def test_python_api_mirrors_the_verbs(built):
+    from pipeline import api
+    from pipeline.query import QueryConfig, run_query
+
+    _, _, output, _ = built
+    by_api = api.query(str(output), keys=["d0005"], top=3, save=False)
+    assert by_api.equals(run_query(QueryConfig(index=str(output), keys=["d0005"], top=3)))
+    ranked = api.rank(str(output), top=1)
+    assert ranked.num_rows == 240
+    with pytest.raises(ValueError, match="unknown setting"):
+        api.rank(str(output), topp=1)

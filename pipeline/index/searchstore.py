@@ -215,6 +215,10 @@ class SearchStore:
         self.manifest = manifest
         self.normalized = manifest["metric"] == "cosine"
         self.rows = int(manifest["rows"])
+        # Loaded shards stay resident for the next query: a service answering many queries
+        # pays the load once (`keep_loaded=False` frees each shard after its search).
+        self.keep_loaded = True
+        self.loaded: dict[str, tuple[SearchIndex, np.ndarray | None]] = {}
 
     def search(
         self, queries: np.ndarray, k: int, opponents: bool = False, nprobe: int | None = None
@@ -224,13 +228,21 @@ class SearchStore:
         queries = np.atleast_2d(np.asarray(queries, np.float32))
         found_scores, found_rows = [], []
         for shard in self.manifest["shards"]:
-            search = SearchIndex.from_bytes(self.index.storage.read_bytes(shard["file"]))
-            exact = self.rerank_vectors(shard) if search.kind == "ivfpq" else None
+            search, exact = self.load(shard)
             find = search.search_opponents if opponents else search.search
             scores, rows = find(queries, k, exact_vectors=exact, nprobe=nprobe)
             found_scores.append(scores)
             found_rows.append(np.where(rows >= 0, rows + shard["offset"], -1))
         return merge_top_k(np.hstack(found_scores), np.hstack(found_rows), k, opponents)
+
+    def load(self, shard: dict) -> tuple[SearchIndex, np.ndarray | None]:
+        if shard["file"] in self.loaded:
+            return self.loaded[shard["file"]]
+        search = SearchIndex.from_bytes(self.index.storage.read_bytes(shard["file"]))
+        loaded = (search, self.rerank_vectors(shard) if search.kind == "ivfpq" else None)
+        if self.keep_loaded:
+            self.loaded[shard["file"]] = loaded
+        return loaded
 
     def rerank_vectors(self, shard: dict) -> np.ndarray:
         """The shard's float16 vectors, memory-mapped from a local file."""
