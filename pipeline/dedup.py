@@ -57,6 +57,10 @@ class DedupConfig:
         return DEFAULT_TAU[self.mode] if self.tau is None else float(self.tau)
 
 
+REDUCE_DIM = 128
+CANDIDATES_PER_NEIGHBOUR = 4
+
+
 def check_config(config: DedupConfig) -> None:
     if config.mode not in MODES:
         raise ValueError(f"unknown dedup mode {config.mode!r}; choose one of {MODES}")
@@ -80,12 +84,17 @@ def near_edges(
     if n < 2:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     kind = "flat" if n <= config.flat_max_rows or n < 1024 else "ivfpq"
-    index = SearchIndex.build(x, kind=kind, normalized=True)
-    exact = x if kind == "ivfpq" else None  # re-rank approximate scores exactly
+    # IVF-PQ on the top principal directions: k-means and codes in REDUCE_DIM, then the few
+    # candidates a threshold can accept are re-ranked exactly.
+    index = SearchIndex.build(x, kind=kind, normalized=True, reduce_dim=REDUCE_DIM)
+    exact = x if kind == "ivfpq" else None
+    candidates = CANDIDATES_PER_NEIGHBOUR * (config.k + 1)
     rows, cols, sims = [], [], []
     for lo in range(0, n, config.chunk):
         q = x[lo : lo + config.chunk]
-        scores, ids = index.search(q, config.k + 1, exact_vectors=exact, nprobe=config.nprobe)
+        scores, ids = index.search(
+            q, config.k + 1, exact_vectors=exact, candidates=candidates, nprobe=config.nprobe
+        )
         source = np.arange(lo, lo + len(q))[:, None]
         hit = (ids >= 0) & (ids != source) & (scores >= tau)
         rows.append(np.broadcast_to(source, ids.shape)[hit])

@@ -265,13 +265,17 @@ def evaluate(config: DemoConfig, corpus: Corpus, index: str, clock: Clock) -> di
     truth = {k: s for k, s, kind in zip(corpus.keys, corpus.source, corpus.kinds, strict=True) if s}
     kinds = dict(zip(corpus.keys, corpus.kinds, strict=True))
     ranked = pq.read_table(Path(index) / "rank" / "self_influence.parquet").column("key")
-    top = ranked.to_pylist()[: 2 * config.outliers]
+    window = 2 * config.outliers
+    top, bottom = ranked.to_pylist()[:window], ranked.to_pylist()[-window:]
+    atypical = embedding_outliers(index, window)
     return {
         "examples": summary["examples"],
         "examples_per_second_build": summary["examples_per_second_this_run"],
         "seconds": clock.seconds,
         "dedup": {mode: duplicates_found(index, mode, truth, kinds) for mode in DEDUP_MODES},
         "outliers_in_top_self_influence": sum(kinds[k] == "outlier" for k in top),
+        "outliers_in_bottom_self_influence": sum(kinds[k] == "outlier" for k in bottom),
+        "outliers_in_top_embedding_knn_distance": sum(kinds[k] == "outlier" for k in atypical),
         "top_self_influence_window": len(top),
         "outliers": config.outliers,
         "report": str(Path(index) / "report" / "index.html"),
@@ -279,6 +283,25 @@ def evaluate(config: DemoConfig, corpus: Corpus, index: str, clock: Clock) -> di
 
 
 DEDUP_MODES = ("influence", "embedding")
+
+
+def embedding_outliers(index: str, count: int, neighbours: int = 10) -> list[str]:
+    """The baseline for outliers: keys whose representation z is farthest from its nearest
+    neighbours (1 - mean cosine to the 10 nearest)."""
+    import faiss
+
+    from pipeline.index.parts import vectors
+    from pipeline.index.reader import Index
+
+    table = Index(index).table(["key", "z"])
+    z = vectors(table, "z").astype(np.float32)
+    z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    search = faiss.IndexFlatIP(z.shape[1])
+    search.add(z)
+    cosine, _ = search.search(z, neighbours + 1)  # the first hit is the example itself
+    distance = 1 - cosine[:, 1:].mean(axis=1)
+    keys = table.column("key").to_pylist()
+    return [keys[i] for i in np.argsort(-distance, kind="stable")[:count]]
 
 
 def duplicates_found(index: str, mode: str, truth: dict[str, str], kinds: dict) -> dict:
@@ -321,9 +344,12 @@ def print_findings(findings: dict) -> None:
         print(f"{title:28}{cells}")
     cells = "".join(f"{findings['dedup'][m]['removed_not_planted']:>12}" for m in DEDUP_MODES)
     print(f"{'removed, not a planted copy':28}{cells}")
+    window, planted = findings["top_self_influence_window"], findings["outliers"]
     print(
-        f"outliers among the top {findings['top_self_influence_window']} self-influence: "
-        f"{findings['outliers_in_top_self_influence']} of {findings['outliers']}"
+        f"outliers among the top {window} self-influence: "
+        f"{findings['outliers_in_top_self_influence']} of {planted} (among the lowest "
+        f"{window}: {findings['outliers_in_bottom_self_influence']}); among the top {window} "
+        f"by embedding k-NN distance: {findings['outliers_in_top_embedding_knn_distance']}"
     )
     print(
         f"{findings['examples']:,} examples indexed at {findings['examples_per_second_build']} "

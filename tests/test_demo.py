@@ -40,6 +40,8 @@ def test_short_demo_finds_every_exact_copy_and_writes_the_report(ray_session, tm
         found = findings["dedup"][mode]
         assert found["exact_found"] == found["exact_planted"] == 6
     assert findings["examples"] == 300 + 6 + 4 + 4
+    for ranking in ("top_self_influence", "bottom_self_influence", "top_embedding_knn_distance"):
+        assert 0 <= findings[f"outliers_in_{ranking}"] <= 4
     index = tmp_path / "index"
     influence = pq.read_table(index / "dedup" / "influence.parquet").to_pylist()
     removed = [row for row in influence if not row["kept"]]
