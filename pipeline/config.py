@@ -131,27 +131,43 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build dataclass `cls` from nested plain data; unknown keys are an error."""
+def from_dict(cls: type, data: dict[str, Any], base: Any = None) -> Any:
+    """Build dataclass `cls` from nested plain data; unknown keys are an error.
+
+    Settings not given keep their defaults, and a nested section given in part is merged onto
+    that section's default *as the parent defines it* (`DemoConfig.influence` is a small CNN,
+    so `influence.loss.num_pairs=8` must not bring back `InfluenceConfig`'s ResNet-18).
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"unknown setting(s) for {cls.__name__}: {sorted(unknown)}")
-    kwargs = {name: _coerce(hints[name], value) for name, value in data.items()}
-    return cls(**kwargs)
+    base = base if isinstance(base, cls) else _default(cls)
+    kwargs = {
+        name: _coerce(hints[name], value, getattr(base, name, None))
+        for name, value in data.items()
+    }
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
-def _coerce(hint: Any, value: Any) -> Any:
+def _default(cls: type) -> Any:
+    try:
+        return cls()
+    except TypeError:  # a dataclass with required fields: no defaults to merge onto
+        return None
+
+
+def _coerce(hint: Any, value: Any, current: Any = None) -> Any:
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return from_dict(hint, value)
+        return from_dict(hint, value, current)
     origin = typing.get_origin(hint)
     if origin is tuple and isinstance(value, list | tuple):
         return tuple(value)
     if origin in (typing.Union, types.UnionType) and value is not None:
         for arg in typing.get_args(hint):
             if arg is not type(None):
-                return _coerce(arg, value)
+                return _coerce(arg, value, current)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value

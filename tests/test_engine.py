@@ -100,3 +100,15 @@ def test_bf16_autocast_keeps_w_close_to_float32_on_a_trained_encoder(digits):
     # Measured: mean 0.96, median 0.99; the worst are the examples of lowest loss.
     assert cosine.median() > 0.97 and cosine.mean() > 0.9, cosine
     assert not torch.equal(w16, w32)  # the forward really ran in bf16
+
+
+def test_a_partial_section_override_keeps_the_parents_defaults():
+    from pipeline.demo import DemoConfig
+
+    demo = load_config(DemoConfig, None, ["influence.loss.num_pairs=8", "train.steps=7"])
+    default = DemoConfig()
+    assert demo.influence.loss.num_pairs == 8
+    assert demo.influence.model == default.influence.model  # still the demo's small CNN
+    assert demo.influence.augment == default.influence.augment
+    assert (demo.train.steps, demo.train.batch_size) == (7, default.train.batch_size)
+    assert load_config(DemoConfig, None, []) == default
