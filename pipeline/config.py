@@ -145,8 +145,7 @@ def from_dict(cls: type, data: dict[str, Any], base: Any = None) -> Any:
         raise ValueError(f"unknown setting(s) for {cls.__name__}: {sorted(unknown)}")
     base = base if isinstance(base, cls) else _default(cls)
     kwargs = {
-        name: _coerce(hints[name], value, getattr(base, name, None))
-        for name, value in data.items()
+        name: _coerce(hints[name], value, getattr(base, name, None)) for name, value in data.items()
     }
     return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 

@@ -58,7 +58,7 @@ class DedupConfig:
 
 
 REDUCE_DIM = 128
-CANDIDATES_PER_NEIGHBOUR = 4
+CANDIDATES_PER_NEIGHBOUR = 16
 
 
 def check_config(config: DedupConfig) -> None:
