@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pipeline.config import PipelineConfig
 from pipeline.data import ReadStats, shard_id
 from pipeline.fit import Driver, totals
-from pipeline.index.layout import FACTORS, SUMMARY, marker_path
+from pipeline.index.layout import FACTORS, SUMMARY, marker_path, retry_path
 from pipeline.index.lease import hold_lease
 from pipeline.index.manifest import check_compatible, read_manifest, write_manifest
 from pipeline.index.parts import read_marker
@@ -40,8 +40,8 @@ def build_under_lease(driver: Driver, config: PipelineConfig) -> dict:
         )
     check_compatible(manifest, driver.fingerprint, "build into this index")
     shards = list(dict.fromkeys(driver.shards))
-    done = set(driver.output.list("markers/"))  # one listing, not a request per shard
-    todo = [url for url in shards if marker_path(shard_id(url)) not in done]
+    listed = set(driver.output.list("markers/"))  # one listing, not a request per shard
+    todo = [url for url in shards if not is_done(shard_id(url), listed)]
     print(
         f"build: {len(shards) - len(todo)} of {len(shards)} shards already done, "
         f"{len(todo)} to process",
@@ -73,6 +73,11 @@ def build_under_lease(driver: Driver, config: PipelineConfig) -> dict:
     if summary["examples"]:
         build_search_index(Index(config.output), config.index.search)
     return summary
+
+
+def is_done(shard: str, listed: set[str]) -> bool:
+    """Marked done, and not a shard that was missing then (those are tried again)."""
+    return marker_path(shard) in listed and retry_path(shard) not in listed
 
 
 def summarise(storage, shards: list[str], failures: list[dict], rate: float) -> dict:

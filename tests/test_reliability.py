@@ -350,6 +350,19 @@ def test_a_mix_of_bad_input_is_skipped_and_counted(tmp_path, clean, digits) -> N
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*", p) for p in written)
     assert not (tmp_path / "etc").exists()
 
+    # The missing shard turns up: the rerun builds it (and only it), nothing is lost.
+    parts_before = {p: (output / p).read_bytes() for p in written if p.startswith("parts/")}
+    (folder / "s-4.tar").write_bytes(tar_bytes(digit_members(digits, range(60, 65))))
+    rerun = run_build(bad)
+    _, table = read_index(output)
+    assert sorted(table.column("key").to_pylist()) == sorted(
+        expected_keys | {f"g{i:04d}" for i in range(60, 65)}
+    )
+    assert "missing_shard" not in rerun["read"]["skipped"]
+    assert not any(p.endswith(".retry") for p in open_storage(str(output)).list("markers/"))
+    changed = [p for p, data in parts_before.items() if (output / p).read_bytes() != data]
+    assert changed == [p for p in parts_before if "s-4" in p]
+
 
 # ----------------------------------------------------------------------- crashes and reruns
 

@@ -17,6 +17,11 @@ def marker_path(shard_id: str) -> str:
     return f"markers/{shard_id}.json"
 
 
+def retry_path(shard_id: str) -> str:
+    """Beside a marker: the shard was missing when built, so a rerun tries it again."""
+    return f"markers/{shard_id}.retry"
+
+
 # Outputs of the offline verbs, beside the parts (SPEC section 4).
 SEARCH_DIR = "search"  # search/manifest.json + search/shard-00000.faiss ...
 RANK = "rank/self_influence.parquet"

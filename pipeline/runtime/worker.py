@@ -20,7 +20,7 @@ import torch
 
 from pipeline.config import ModelConfig, PipelineConfig, from_dict
 from pipeline.data import ReadStats, read_shard, shard_id
-from pipeline.index.layout import FACTORS
+from pipeline.index.layout import FACTORS, retry_path
 from pipeline.index.parts import part_table, publish_part
 from pipeline.influence.engine import InfluenceSSL
 from pipeline.influence.statistics import Statistics
@@ -123,7 +123,18 @@ class ShardWorker:
             "seconds": round(seconds, 3),
             "examples_per_second": round(table.num_rows / seconds, 2) if seconds else 0.0,
         }
-        return publish_part(self.output, shard_id(url), table, record)
+        return self.publish(url, table, record, missing=bool(read.skipped.get("missing_shard")))
+
+    def publish(self, url: str, table, record: dict, missing: bool) -> dict:
+        """Part and marker; a missing shard is flagged for the next run first (so a crash
+        cannot leave it marked done), a found one is unflagged only after its marker."""
+        flag = retry_path(shard_id(url))
+        if missing:
+            self.output.write_bytes(flag, b"")
+        marker = publish_part(self.output, shard_id(url), table, record)
+        if not missing:
+            self.output.delete(flag)  # a no-op unless it was missing before
+        return marker
 
     def open_shard(self, url: str, read: ReadStats) -> Prefetcher:
         """Start streaming and decoding a shard now, in a background thread.
