@@ -120,3 +120,27 @@ def test_no_search_index_is_a_clear_error_and_none_writes_nothing(tmp_path):
         SearchStore(index)
     with pytest.raises(ValueError, match=r"search\.kind"):
         build_search_index(index, SearchConfig(kind="hnsw"))
+
+
+def test_an_s3_index_searches_through_a_local_cache_of_the_rerank_vectors(
+    s3_endpoint, tmp_path, monkeypatch
+):
+    from pipeline.storage import S3Storage
+
+    monkeypatch.setenv("INFLUENCE_SSL_CACHE", str(tmp_path / "cache"))
+    S3Storage("search-test").client.create_bucket(Bucket="search-test")
+    vectors = clustered(1200, 16, 8, seed=8)
+    parts = np.split(vectors, 3)
+    remote = write_vector_index("s3://search-test/run", parts)
+    local = write_vector_index(tmp_path / "local", parts)
+    config = SearchConfig(kind="ivfpq", max_shard_bytes=800 * 16 * 4, train_rows=1200)
+    for index in (remote, local):
+        assert len(build_search_index(index, config)["shards"]) == 2
+    queries = clustered(6, 16, 8, seed=9)
+    found = SearchStore(remote).search(queries, 5)
+    cached = sorted((tmp_path / "cache" / "search").glob("*.npy"))
+    assert len(cached) == 2  # one per search shard, named by content hash
+    np.testing.assert_array_equal(found[1], SearchStore(local).search(queries, 5)[1])
+    again = SearchStore(remote).search(queries, 5)  # a new store: served from the cache
+    np.testing.assert_array_equal(found[1], again[1])
+    assert sorted((tmp_path / "cache" / "search").glob("*.npy")) == cached
