@@ -455,3 +455,24 @@ def test_s3_shards(s3_endpoint: str, mnist: tuple) -> None:
     assert keys == [f"d{i:05d}" for i in range(9)]
     assert stats.skipped == {"missing_shard": 1} and stats.decoded == 9
     assert all(stats.shards[u].complete and len(stats.shards[u].sha256) == 64 for u in urls)
+
+
+def test_pixel_hash_matches_exactly_the_same_decoded_pixels(digits):
+    from pipeline.data import decode_image_hashed
+
+    gray = (digits[3, 0].numpy() * 255).round().astype(np.uint8)
+
+    def png(array: np.ndarray, level: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, "PNG", compress_level=level)
+        return buffer.getvalue()
+
+    first, second = png(gray, 1), png(gray, 9)
+    assert first != second  # other bytes, the same pixels
+    _, hash_a = decode_image_hashed(first, 28, 1)
+    _, hash_b = decode_image_hashed(second, 28, 1)
+    assert hash_a == hash_b
+    shifted = np.roll(gray, 1, axis=1)
+    assert decode_image_hashed(png(shifted, 1), 28, 1)[1] != hash_a
+    bigger = np.kron(gray, np.ones((2, 2), np.uint8))  # resizes to (nearly) the same 28x28
+    assert decode_image_hashed(png(bigger, 1), 28, 1)[1] != hash_a  # hashed before resizing
