@@ -369,6 +369,17 @@ def test_query_by_image_file_computes_w_with_the_manifest_settings(built, digits
     assert proponents[0]["key"] == "d0005" and proponents[0]["query_source"] == str(image)
     assert proponents[0]["normalized_influence"] == pytest.approx(1.0, abs=1e-4)
 
+    # The same image from the object store (the session's S3 server on loopback).
+    from pipeline.storage import S3Storage
+
+    S3Storage("query-images").client.create_bucket(Bucket="query-images")
+    open_storage("s3://query-images").write_bytes("q/d0005", png_bytes(digits[5]))
+    remote = run_query(
+        QueryConfig(index=str(output), images=["s3://query-images/q/d0005"], top=3, save=False)
+    )
+    assert remote.column("key").equals(results.column("key"))
+    assert remote.column("influence").equals(results.column("influence"))
+
     with pytest.raises(IndexMismatchError, match=r"projection\.dim_in"):
         run_query(QueryConfig(index=str(output), images=[str(image)], projection={"dim_in": 4}))
     text = tmp_path / "notes.png"
