@@ -112,3 +112,14 @@ def test_a_partial_section_override_keeps_the_parents_defaults():
     assert demo.influence.augment == default.influence.augment
     assert (demo.train.steps, demo.train.batch_size) == (7, default.train.batch_size)
     assert load_config(DemoConfig, None, []) == default
+
+
+def test_the_example_job_config_loads():
+    from pathlib import Path
+
+    from pipeline.config import PipelineConfig
+
+    path = Path(__file__).parents[1] / "infra" / "job.example.yaml"
+    config = load_config(PipelineConfig, path)
+    assert config.influence.model.arch == "resnet50"
+    assert config.index.search.kind == "auto" and config.index.vector_dtype == "float16"
