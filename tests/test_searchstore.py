@@ -108,8 +108,12 @@ def test_search_index_is_rebuilt_only_when_the_parts_change(tmp_path):
     grown = write_vector_index(tmp_path, [vectors[:200], vectors[200:], vectors[:50] * 2])
     with pytest.raises(StaleSearchIndexError, match="rerun `build`"):
         SearchStore(grown)
-    assert build_search_index(grown, config)["rows"] == 450
-    assert SearchStore(grown).rows == 450
+    rebuilt = build_search_index(grown, config)
+    assert rebuilt["rows"] == 450 and SearchStore(grown).rows == 450
+    # New files under a new generation, then the manifest; the previous build's files go.
+    assert first["shards"][0]["file"] != rebuilt["shards"][0]["file"]
+    listed = set(grown.storage.list("search/"))
+    assert listed == {SEARCH_MANIFEST} | {shard["file"] for shard in rebuilt["shards"]}
 
 
 def test_no_search_index_is_a_clear_error_and_none_writes_nothing(tmp_path):

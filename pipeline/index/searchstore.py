@@ -2,9 +2,12 @@
 
 Layout under the index URI::
 
-    search/manifest.json        kind, metric, D, N, the parts it covers (with their sha256)
-    search/shard-00000.faiss    a `pipeline.search.SearchIndex` over a contiguous run of parts
-    search/shard-00000.npy      (IVF-PQ only) the shard's vectors in float16, for re-ranking
+    search/manifest.json              kind, metric, D, N, the parts it covers (with sha256)
+    search/<gen>-shard-00000.faiss    a `pipeline.search.SearchIndex` over a run of parts
+    search/<gen>-shard-00000.npy      (IVF-PQ only) the shard's vectors in float16, to re-rank
+
+`<gen>` names one build (a hash of the parts and settings): a rebuild writes new files, then
+the manifest, then removes the previous build's files.
 
 Rows are numbered 0..N-1 in the index's shard order (the order of `Index.table()`); a search
 shard covers whole parts, at most `max_shard_bytes` of float32 vectors, so building or
@@ -118,11 +121,12 @@ def build_search_index(index: Index, config: SearchConfig) -> dict | None:
     normalized = config.metric == "cosine"
     runs = plan_shards(parts, index.dimension, config.max_shard_bytes)
     trained = train_ivfpq(index, parts, config, total) if kind == "ivfpq" else None
+    generation = generation_of(parts, config)
     shards, offset = [], 0
     for number, run in enumerate(runs):
         vectors = read_vectors(index, [parts[i]["part"] for i in run])
         search = shard_index(vectors, kind, normalized, trained)
-        name = f"{SEARCH_DIR}/shard-{number:05d}"
+        name = f"{SEARCH_DIR}/{generation}-shard-{number:05d}"
         index.storage.write_bytes(f"{name}.faiss", search.to_bytes().tobytes())
         entry = {"file": f"{name}.faiss", "parts": run, "offset": offset, "rows": len(vectors)}
         if kind == "ivfpq":
@@ -144,12 +148,29 @@ def build_search_index(index: Index, config: SearchConfig) -> dict | None:
         "seconds": round(time.perf_counter() - started, 3),
     }
     index.storage.write_bytes(SEARCH_MANIFEST, json.dumps(manifest, indent=2).encode())
+    remove_other_generations(index, manifest)
     print(
         f"search index: {kind} ({config.metric}) over {total:,} vectors in {len(shards)} "
         f"shard(s), {manifest['seconds']} s",
         flush=True,
     )
     return manifest
+
+
+def generation_of(parts: list[dict], config: SearchConfig) -> str:
+    """A name prefix for one build of the search index: a rebuild writes new files and flips
+    the manifest last, so a reader never pairs an old manifest with new shard files."""
+    state = json.dumps([parts, to_dict(config)], sort_keys=True).encode()
+    return hashlib.sha256(state).hexdigest()[:12]
+
+
+def remove_other_generations(index: Index, manifest: dict) -> None:
+    keep = {SEARCH_MANIFEST} | {
+        name for shard in manifest["shards"] for name in (shard["file"], shard.get("vectors"))
+    }
+    for name in index.storage.list(f"{SEARCH_DIR}/"):
+        if name not in keep:
+            index.storage.delete(name)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
