@@ -14,7 +14,6 @@ kept_key) and `dedup/<mode>.summary.json`.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.index.layout import DEDUP_DIR
 from pipeline.index.parts import vectors
@@ -213,7 +211,7 @@ def group_ids(label: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def read_inputs(index: Index, config: DedupConfig) -> tuple[pa.Table, np.ndarray]:
     """The rows and the mode's vectors; a clear error when a needed column is missing."""
-    available = part_columns(index)
+    available = index.columns()
     needed = {"key", "shard", "self_influence", VECTOR_COLUMN[config.mode]}
     if config.exact:
         needed.add("pixel_hash")
@@ -228,12 +226,6 @@ def read_inputs(index: Index, config: DedupConfig) -> tuple[pa.Table, np.ndarray
     table = index.table(sorted(needed))
     x = vectors(table, VECTOR_COLUMN[config.mode]).astype(np.float32)
     return table, x
-
-
-def part_columns(index: Index) -> set[str]:
-    """Column names of the index (from the first part's Parquet footer only)."""
-    first = index.manifest["shards"][0]["part"]
-    return set(pq.read_schema(io.BytesIO(index.storage.read_bytes(first))).names)
 
 
 def summarise(result: pa.Table, config: DedupConfig, seconds: float) -> dict:

@@ -276,16 +276,13 @@ DEDUP_MODES = ("influence", "embedding")
 def embedding_outliers(index: str, count: int, neighbours: int = 10) -> list[str]:
     """The baseline for outliers: keys whose representation z is farthest from its nearest
     neighbours (1 - mean cosine to the 10 nearest)."""
-    import faiss
-
     from pipeline.index.parts import vectors
     from pipeline.index.reader import Index
+    from pipeline.search import SearchIndex
 
     table = Index(index).table(["key", "z"])
     z = vectors(table, "z").astype(np.float32)
-    z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
-    search = faiss.IndexFlatIP(z.shape[1])
-    search.add(z)
+    search = SearchIndex.build(z, kind="flat", normalized=True)
     cosine, _ = search.search(z, neighbours + 1)  # the first hit is the example itself
     distance = 1 - cosine[:, 1:].mean(axis=1)
     keys = table.column("key").to_pylist()

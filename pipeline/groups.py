@@ -18,7 +18,6 @@ Writes `groups/<field>.stats.parquet` and `groups/<field>.matrix.parquet` (long 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections import Counter
@@ -26,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.index.layout import GROUPS_DIR
 from pipeline.index.parts import vectors
@@ -158,10 +156,6 @@ def matrix_table(names: list[str], sums: np.ndarray, unit_sums: np.ndarray, coun
 # -- the verb -----------------------------------------------------------------------------
 
 
-def read_part(index: Index, entry: dict, columns: list[str]) -> pa.Table:
-    return pq.read_table(io.BytesIO(index.storage.read_bytes(entry["part"])), columns=columns)
-
-
 def run_groups(config: GroupsConfig) -> tuple[pa.Table, pa.Table]:
     """Statistics and the group-by-group matrix over `config.field`; written and printed."""
     check_config(config)
@@ -199,7 +193,7 @@ def accumulate_sums(
     sums, unit_sums = np.zeros((groups, dim)), np.zeros((groups, dim))
     start = 0
     for entry in index.manifest["shards"]:
-        part = read_part(index, entry, ["w"])
+        part = index.read_part(entry["part"], ["w"])
         rows = slice(start, start + part.num_rows)
         start += part.num_rows
         keep = chosen[rows]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,6 @@ from pipeline.index.layout import FACTORS, QUERY_DIR
 from pipeline.index.manifest import check_compatible, fingerprint
 from pipeline.index.reader import Index
 from pipeline.index.searchstore import (
-    SEARCH_MANIFEST,
     SearchStore,
     brute_force_top_k,
     read_search_manifest,
@@ -72,9 +72,10 @@ def run_query(config: QueryConfig) -> pa.Table:
         raise ValueError(f"top must be >= 1, got {config.top}")
     index = Index(config.index)
     queries = stack(key_queries(index, config.keys), image_queries(index, config))
+    find = finder(index, config)
     results = pa.concat_tables(
         [
-            hits_table(index, queries, direction, find(index, queries, config, direction))
+            hits_table(index, queries, direction, find(queries.vectors, direction == "opponent"))
             for direction in ("proponent", "opponent")
         ]
     )
@@ -178,22 +179,18 @@ def stack(*parts: Queries) -> Queries:
 # -- search ----------------------------------------------------------------------------------
 
 
-def find(
-    index: Index, queries: Queries, config: QueryConfig, direction: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Global rows of the top-k per query: the stored search index when its metric matches
-    the ranking asked for, else an exact scan of the parts."""
-    opponents = direction == "opponent"
-    if stored_metric(index) == ("cosine" if config.normalized else "inner_product"):
-        return SearchStore(index).search(queries.vectors, config.top, opponents=opponents)
-    return brute_force_top_k(index, queries.vectors, config.top, config.normalized, opponents)
-
-
-def stored_metric(index: Index) -> str | None:
-    if not index.storage.exists(SEARCH_MANIFEST):
-        return None
-    manifest = read_search_manifest(index)
-    return manifest["metric"] if manifest else None
+def finder(index: Index, config: QueryConfig) -> Callable[[np.ndarray, bool], tuple]:
+    """`find(vectors, opponents) -> (scores, global rows)` of the top-k per query: the stored
+    search index when its metric matches the ranking asked for (its shards loaded once for
+    both directions), else an exact scan of the parts."""
+    stored = read_search_manifest(index)
+    metric = "cosine" if config.normalized else "inner_product"
+    if stored is not None and stored["metric"] == metric:
+        store = SearchStore(index, stored)
+        return lambda vectors, opponents: store.search(vectors, config.top, opponents=opponents)
+    return lambda vectors, opponents: brute_force_top_k(
+        index, vectors, config.top, config.normalized, opponents
+    )
 
 
 def hits_table(

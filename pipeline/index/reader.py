@@ -61,10 +61,10 @@ class Index:
         combined = pa.concat_tables(pieces)
         return combined.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
-    def has_column(self, name: str) -> bool:
-        """Whether the parts carry a column (older indices lack pixel_hash and z)."""
+    def columns(self) -> set[str]:
+        """Column names of the parts (older indices lack pixel_hash and z)."""
         first = self.manifest["shards"][0]["part"]
-        return name in pq.read_schema(io.BytesIO(self.storage.read_bytes(first))).names
+        return set(pq.read_schema(io.BytesIO(self.storage.read_bytes(first))).names)
 
     def vectors(self, table: pa.Table | None = None) -> np.ndarray:
         """The `w` column (of `table`, or read now) as a dense [N, D] float32 array."""

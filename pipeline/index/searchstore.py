@@ -83,9 +83,8 @@ def resolve_kind(config: SearchConfig, rows: int) -> str:
     return config.kind
 
 
-def is_current(index: Index, config: SearchConfig) -> bool:
-    """True when the stored search index covers exactly the current parts, as configured."""
-    stored = read_search_manifest(index)
+def is_current(stored: dict | None, index: Index, config: SearchConfig) -> bool:
+    """True when the stored search manifest covers exactly the current parts, as configured."""
     return (
         stored is not None
         and stored["parts_covered"] == parts_of(index)
@@ -109,9 +108,10 @@ def build_search_index(index: Index, config: SearchConfig) -> dict | None:
         return None
     if config.metric not in METRICS:
         raise ValueError(f"search.metric must be one of {METRICS}, not {config.metric!r}")
-    if is_current(index, config):
+    stored = read_search_manifest(index)
+    if is_current(stored, index, config):
         log.info("search index is current; not rebuilt")
-        return read_search_manifest(index)
+        return stored
     started = time.perf_counter()
     parts = parts_of(index)
     total = sum(p["rows"] for p in parts)
@@ -221,8 +221,8 @@ def train_ivfpq(index: Index, parts: list[dict], config: SearchConfig, total: in
 class SearchStore:
     """Searches a stored search index shard by shard and merges the top-k."""
 
-    def __init__(self, index: Index) -> None:
-        manifest = read_search_manifest(index)
+    def __init__(self, index: Index, manifest: dict | None = None) -> None:
+        manifest = manifest if manifest is not None else read_search_manifest(index)
         if manifest is None:
             raise FileNotFoundError(
                 f"no search index under {index.storage.uri}: run `build` (search.kind != none)"
