@@ -123,7 +123,7 @@ def engine_config(
     return InfluenceConfig(
         model=model,
         augment=AUGMENT,
-        loss=LossConfig(num_pairs=PAIRS, seed=0),
+        loss=LossConfig(num_views=2 * PAIRS, estimator="pairs", seed=0),
         projection=ProjectionConfig(enabled=projection),
         curvature=CurvatureConfig(kind=kind, damping=DAMPING),
         batch_size=BATCH,

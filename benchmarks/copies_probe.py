@@ -41,7 +41,7 @@ def main() -> None:
     print("| views | K | exact copies (median) | near-copies (median) | unrelated, 99.9th pct |")
     print("|---|---:|---:|---:|---:|")
     for pairs in (2, 8):
-        loss = dataclasses.replace(config.influence.loss, num_pairs=pairs)
+        loss = dataclasses.replace(config.influence.loss, num_views=2 * pairs, view_seeding="key")
         influence = dataclasses.replace(config.influence, loss=loss)
         for views, keys in (
             ("seeded by key", [f"k{i}" for i in range(len(images))]),

@@ -113,7 +113,7 @@ def engine_config(setting: Setting, kind: str) -> InfluenceConfig:
     return InfluenceConfig(
         model=setting.model,
         augment=augment(setting),
-        loss=LossConfig(num_pairs=setting.pairs),
+        loss=LossConfig(num_views=2 * setting.pairs, estimator="pairs"),
         projection=ProjectionConfig(),  # the default: 16 x 16 per layer
         curvature=CurvatureConfig(kind=kind),
         batch_size=setting.batch,

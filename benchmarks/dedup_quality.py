@@ -45,7 +45,7 @@ def build(args) -> tuple[str, object, int]:
     images, labels, _, _ = load_digits(args.digits, 0)
     corpus = inject_duplicates(images, labels.tolist(), args.exact, args.near, STRENGTHS)
     config = dataclasses.replace(
-        small_config(num_pairs=args.pairs),
+        small_config(num_views=2 * args.pairs),
         model=ModelConfig(
             arch="small_cnn",
             in_channels=1,

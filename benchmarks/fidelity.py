@@ -65,7 +65,7 @@ def engine_config(kind: str, dim: int | None, num_pairs: int) -> InfluenceConfig
     return InfluenceConfig(
         model=MODEL,
         augment=AUGMENT,
-        loss=LossConfig(num_pairs=num_pairs, seed=0),
+        loss=LossConfig(num_views=2 * num_pairs, estimator="pairs", seed=0),
         projection=ProjectionConfig(
             dim_in=dim or 0, dim_out=dim or 0, enabled=dim is not None, seed=0
         ),

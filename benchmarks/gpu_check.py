@@ -217,7 +217,7 @@ def gpu_settings(args: argparse.Namespace) -> Settings:
         timing_model=ModelConfig(arch="resnet50", in_channels=3),
         timing_size=224,
         timing_source=256,
-        pairs=LossConfig().num_pairs,
+        pairs=LossConfig().num_views // 2,
         first_batch=16,
         max_batch=args.max_batch,
         min_seconds=1.5,
@@ -240,7 +240,7 @@ def smoke_settings(args: argparse.Namespace) -> Settings:
         ),
         timing_size=16,
         timing_source=20,
-        pairs=LossConfig().num_pairs,
+        pairs=LossConfig().num_views // 2,
         first_batch=2,
         max_batch=min(args.max_batch, 8),
         min_seconds=0.05,
@@ -255,7 +255,7 @@ def engine_config(
     return InfluenceConfig(
         model=model,
         augment=AugmentConfig(size=size),
-        loss=LossConfig(num_pairs=pairs, seed=0),
+        loss=LossConfig(num_views=2 * pairs, estimator="pairs", seed=0),
         projection=ProjectionConfig(),  # the default, 16 x 16 per layer
         curvature=CurvatureConfig(kind=curvature),
         batch_size=64,

@@ -90,7 +90,7 @@ def load_digits(num_train: int, num_query: int) -> tuple[torch.Tensor, torch.Ten
 def engine_config(num_pairs: int, kind: str = "ekfac") -> InfluenceConfig:
     return InfluenceConfig(
         augment=AugmentConfig(size=24),
-        loss=LossConfig(num_pairs=num_pairs, kind=LOSS_KIND, seed=1),
+        loss=LossConfig(num_views=2 * num_pairs, estimator="pairs", kind=LOSS_KIND, seed=1),
         projection=ProjectionConfig(enabled=False),
         curvature=CurvatureConfig(kind=kind, damping=DAMPING),
         batch_size=BATCH,

@@ -89,7 +89,7 @@ def config_for(output: str, shards: list[str], checkpoint: str, ray_dir: str) ->
     config.influence = InfluenceConfig(
         model=model_config(checkpoint),
         augment=AugmentConfig(size=28, flip_p=0.0),
-        loss=LossConfig(num_pairs=2),
+        loss=LossConfig(num_views=2 * 2, estimator="pairs"),
         projection=ProjectionConfig(dim_in=8, dim_out=8),
         batch_size=16,
         device="cpu",

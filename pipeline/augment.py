@@ -1,7 +1,8 @@
-"""Deterministic, batched SimCLR-style views keyed by example (SPEC section 2).
+"""Deterministic, batched SimCLR-style views (SPEC section 2).
 
-View `(k, j, side)` of example key `k` is `t(x; s)` with `s = view_seed(seed, k, j, side)`, a
-blake2b hash: it never depends on worker, process, thread count or batch composition. Parameters
+View `a` is `t(x; s)` with `s` a blake2b hash of (global seed, a) (common random views, the
+default) or of (global seed, key, a) (seeding by key): it never depends on worker, process,
+thread count or batch composition. Parameters
 are sampled on the CPU from one `numpy` generator per view; pixels are computed batched in plain
 torch on the images' device.
 
@@ -349,32 +350,81 @@ def _normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor
     return (x - m) / s
 
 
-class ViewGenerator:
-    """K keyed pairs of views per example: the augmentation entry point of the engine."""
+VIEW_SEEDINGS = ("common", "key")
 
-    def __init__(self, cfg: AugmentConfig, num_pairs: int, seed: int) -> None:
-        if num_pairs < 1:
-            raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-        self.cfg, self.num_pairs, self.seed = cfg, num_pairs, seed
+
+def common_view_seed(global_seed: int, view: int) -> int:
+    """Stable 64-bit seed of view `view` shared by every example (common random views)."""
+    h = hashlib.blake2b(digest_size=8, person=b"infl-ssl-cview")
+    h.update(struct.pack("<qQ", int(global_seed), int(view)))
+    return int.from_bytes(h.digest(), "little")
+
+
+class ViewGenerator:
+    """V views per example: the augmentation entry point of the engine (SPEC section 2).
+
+    `seeding="common"` (the default): view `a` has the same parameters for every example,
+    drawn from (seed, a) alone, so exact copies get identical views and every example is
+    measured under the same draws. `seeding="key"`: view `a` of key `k` is drawn from
+    (seed, k, a // 2, a % 2) (the K-pair layout of earlier indices). Views `offset ..
+    offset + V - 1` of the stream are produced: a second, independent set of V views is
+    `offset=V`, and more views for a query extend the index's own.
+    """
+
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        num_views: int,
+        seed: int,
+        seeding: str = "common",
+        offset: int = 0,
+    ) -> None:
+        if num_views < 2:
+            raise ValueError(f"num_views must be >= 2, got {num_views}")
+        if seeding not in VIEW_SEEDINGS:
+            raise ValueError(f"view seeding must be one of {VIEW_SEEDINGS}, not {seeding!r}")
+        if offset < 0:
+            raise ValueError(f"view offset must be >= 0, got {offset}")
+        self.cfg, self.num_views, self.seed = cfg, num_views, seed
+        self.seeding, self.offset = seeding, offset
+        self._common: dict[tuple[int, int], ViewParams] = {}
+
+    def view_indices(self) -> range:
+        return range(self.offset, self.offset + self.num_views)
 
     def seeds(self, keys: Sequence[str]) -> list[int]:
-        """Seeds in output order: key-major, then pair j, then side."""
+        """Seeds in output order: key-major, then view index."""
+        if self.seeding == "common":
+            return [common_view_seed(self.seed, a) for _ in keys for a in self.view_indices()]
         return [
-            view_seed(self.seed, key, j, side)
-            for key in keys
-            for j in range(self.num_pairs)
-            for side in (0, 1)
+            view_seed(self.seed, key, a // 2, a % 2) for key in keys for a in self.view_indices()
         ]
 
+    def params(self, keys: Sequence[str], image_hw: tuple[int, int]) -> ViewParams:
+        if self.seeding == "key":
+            return sample_view_params(self.cfg, self.seeds(keys), image_hw)
+        if image_hw not in self._common:  # the same V draws for every batch: sample once
+            seeds = [common_view_seed(self.seed, a) for a in self.view_indices()]
+            self._common[image_hw] = sample_view_params(self.cfg, seeds, image_hw)
+        return _tile(self._common[image_hw], len(keys))
+
     def __call__(self, images: Tensor, keys: Sequence[str]) -> Tensor:
-        """[B, C, H, W] in [0, 1] -> [B, 2K, C, size, size]; index 2j + side is pair j, side."""
+        """[B, C, H, W] in [0, 1] -> [B, V, C, size, size]; index a is view offset + a."""
         if images.ndim != 4 or images.shape[0] != len(keys):
             raise ValueError(f"images {tuple(images.shape)} do not match {len(keys)} keys")
         b, c, height, width = images.shape
-        v = 2 * self.num_pairs
-        params = sample_view_params(self.cfg, self.seeds(keys), (height, width))
-        out = _render(images, params, self.cfg, views_per_image=v)
+        v = self.num_views
+        out = _render(images, self.params(keys, (height, width)), self.cfg, views_per_image=v)
         return out.view(b, v, c, self.cfg.size, self.cfg.size)
+
+
+def _tile(params: ViewParams, times: int) -> ViewParams:
+    """The V views of `params` repeated for `times` examples (example-major)."""
+
+    def tile(t: Tensor) -> Tensor:
+        return t.repeat(times, *([1] * (t.dim() - 1)))
+
+    return ViewParams(**{f.name: tile(getattr(params, f.name)) for f in fields(params)})
 
 
 def resize_to_square(img: Tensor, side: int) -> Tensor:

@@ -57,11 +57,18 @@ class AugmentConfig:
 
 @dataclass
 class LossConfig:
-    """Augmentation-consistency loss over K pairs of views (SPEC section 2)."""
+    """Augmentation-consistency loss over V views of each example (SPEC section 2)."""
 
-    num_pairs: int = 2  # K
+    # V: views per example. The default is the smallest that made w reproducible on the
+    # reliability curve (docs/benchmarks.md); every index records its own reliability.
+    num_views: int = 16
+    # "all_pairs": the mean over all C(V, 2) pairs of views; "pairs": V/2 disjoint pairs.
+    estimator: str = "all_pairs"
     kind: str = "cosine"  # "cosine" (||n(z)-n(z')||^2 = 2 - 2cos) or "l2"
     seed: int = 0  # global seed of the views
+    # "common": view a has the same parameters for every example (from seed and a alone);
+    # "key": views drawn per example key.
+    view_seeding: str = "common"
 
 
 @dataclass
@@ -85,8 +92,10 @@ class CurvatureConfig:
     # else "dense" (per layer); chosen by benchmarks/fidelity.py. Or "ekfac", "dense",
     # "dense_all", "identity" (gradient dot product, no curvature).
     kind: str = "auto"
-    damping: float = 0.1  # a factor of mean(eigenvalues), or absolute (see damping_mode)
-    damping_mode: str = "relative"  # "relative" or "absolute"
+    damping: float = 0.1  # a factor of the mean eigenvalue, or absolute (see damping_mode)
+    # "spanned": factor x trace / min(fit examples, dim), the mean over the directions the
+    # fit can span; "relative": factor x trace / dim; "absolute": the factor itself.
+    damping_mode: str = "spanned"
     # Largest block a dense curvature may eigendecompose (memory dim^2, time dim^3).
     max_dense_dim: int = 16384
 
@@ -109,7 +118,10 @@ class InfluenceConfig:
     projection: ProjectionConfig = field(default_factory=ProjectionConfig)
     curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
     layers: LayerConfig = field(default_factory=LayerConfig)
-    batch_size: int = 32
+    # Examples per forward pass; 0: as many as make about `views_per_batch` views (examples
+    # x V), which keeps a pass's size, and its memory and system time, steady as V changes.
+    batch_size: int = 0
+    views_per_batch: int = 256
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     # "bf16": the model's forward/backward under bf16 autocast; projections, statistics and
     # whitening stay in float32/float64. "none": float32 throughout. bf16 needs a trained
@@ -131,18 +143,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# Settings that were replaced, with what to write instead.
+RENAMED = {
+    ("LossConfig", "num_pairs"): (
+        "; num_pairs (K pairs) became num_views (V views, all pairs by default); "
+        "K pairs are num_views=2K with estimator=pairs"
+    ),
+}
+
+
 def from_dict(cls: type, data: dict[str, Any], base: Any = None) -> Any:
     """Build dataclass `cls` from nested plain data; unknown keys are an error.
 
     Settings not given keep their defaults, and a nested section given in part is merged onto
     that section's default *as the parent defines it* (`DemoConfig.influence` is a small CNN,
-    so `influence.loss.num_pairs=8` must not bring back `InfluenceConfig`'s ResNet-18).
+    so `influence.loss.num_views=8` must not bring back `InfluenceConfig`'s ResNet-18).
     """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ValueError(f"unknown setting(s) for {cls.__name__}: {sorted(unknown)}")
+        hint = RENAMED.get((cls.__name__, min(unknown)), "")
+        raise ValueError(f"unknown setting(s) for {cls.__name__}: {sorted(unknown)}{hint}")
     base = base if isinstance(base, cls) else _default(cls)
     kwargs = {
         name: _coerce(hints[name], value, getattr(base, name, None)) for name, value in data.items()

@@ -61,9 +61,8 @@ class DemoConfig:
                 kwargs={"width": 16, "out_dim": 64},
             ),
             augment=digit_augment(),
-            loss=LossConfig(num_pairs=2),
+            loss=LossConfig(),
             projection=ProjectionConfig(dim_in=16, dim_out=16),
-            batch_size=64,
         )
     )
 

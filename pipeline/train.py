@@ -89,7 +89,7 @@ def train_ssl(
         index = torch.randint(
             len(images), (min(config.batch_size, len(images)),), generator=generator
         )
-        views = ViewGenerator(augment, 1, seed=config.seed * 100_003 + step)(
+        views = ViewGenerator(augment, 2, seed=config.seed * 100_003 + step, seeding="key")(
             images[index].to(device), [str(i) for i in index.tolist()]
         )
         loss = _step_loss(encoder, predictor, target, views[:, 0], views[:, 1], config)

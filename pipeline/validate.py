@@ -103,7 +103,7 @@ class ValidateConfig:
                 kwargs={"width": 8, "out_dim": 32},
             ),
             augment=digit_augment(),
-            loss=LossConfig(num_pairs=4),
+            loss=LossConfig(),
             projection=ProjectionConfig(dim_in=16, dim_out=16),
             curvature=CurvatureConfig(kind="auto"),
             batch_size=256,
@@ -236,17 +236,21 @@ def train_encoder(
 
 
 def query_views(queries: torch.Tensor, config: InfluenceConfig) -> torch.Tensor:
-    """The fixed views [Q, 2K, C, s, s] whose consistency loss w(q) differentiates."""
+    """The fixed views [Q, V, C, s, s] whose consistency loss w(q) differentiates."""
     keys = [f"query-{i:05d}" for i in range(len(queries))]
-    return ViewGenerator(config.augment, config.loss.num_pairs, config.loss.seed)(queries, keys)
+    loss = config.loss
+    views = ViewGenerator(config.augment, loss.num_views, loss.seed, loss.view_seeding)
+    return views(queries, keys)
 
 
 @torch.no_grad()
-def query_losses(encoder: Encoder, views: torch.Tensor, kind: str) -> torch.Tensor:
+def query_losses(
+    encoder: Encoder, views: torch.Tensor, kind: str, estimator: str = "all_pairs"
+) -> torch.Tensor:
     """Augmentation-consistency loss [Q] of each query under `encoder` (eval mode)."""
     encoder.eval()
     z = encoder(views.flatten(0, 1)).reshape(views.shape[0], views.shape[1], -1)
-    return consistency_loss(z.float(), kind)
+    return consistency_loss(z.float(), kind, estimator)
 
 
 @torch.no_grad()
@@ -378,7 +382,9 @@ def subset_losses(digits: Digits, masks: torch.Tensor, config: ValidateConfig) -
         subset = digits.train[mask.bool()]
         for s in range(config.seeds):
             encoder = train_encoder(subset, config, s, stream=m)
-            out[m, s] = query_losses(encoder, views, config.influence.loss.kind)
+            out[m, s] = query_losses(
+                encoder, views, config.influence.loss.kind, config.influence.loss.estimator
+            )
             progress.step()
     return out
 
@@ -577,7 +583,8 @@ def markdown(result: dict) -> str:
         f"queries, {config['num_probe']} held-out labelled probe digits. Encoder "
         f"{model['arch']} {model['kwargs']} + projector {model['projector_dims']}, "
         f"{train['method']} {train['steps']} steps, batch {train['batch_size']}; "
-        f"K = {config['influence']['loss']['num_pairs']} view pairs; "
+        f"V = {config['influence']['loss']['num_views']} views "
+        f"({config['influence']['loss']['estimator']}); "
         f"fixed init per seed: {config['fixed_init']}. Reference probe accuracy "
         f"{result['reference_probe_accuracy']:.4f}. Wall seconds: {result['seconds']}.\n\n"
         f"## LDS\n\nM = {s['subsets']} subsets of {s['subset_size']} "

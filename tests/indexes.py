@@ -33,7 +33,7 @@ from pipeline.models import build_encoder, model_identity
 from pipeline.storage import open_storage
 
 
-def small_config(num_pairs: int = 4) -> InfluenceConfig:
+def small_config(num_views: int = 8) -> InfluenceConfig:
     """A small SSL-ish encoder on 28x28 grayscale digits (dense projected Fisher)."""
     return InfluenceConfig(
         model=ModelConfig(
@@ -45,7 +45,7 @@ def small_config(num_pairs: int = 4) -> InfluenceConfig:
         augment=AugmentConfig(
             size=28, crop_scale=(0.6, 1.0), flip_p=0.0, saturation=0.0, hue=0.0, grayscale_p=0.0
         ),
-        loss=LossConfig(num_pairs=num_pairs),
+        loss=LossConfig(num_views=num_views),
         projection=ProjectionConfig(dim_in=8, dim_out=4),
         batch_size=64,
         device="cpu",

@@ -97,7 +97,7 @@ def test_views_independent_of_batch(kind: str, rgb_batch, digits) -> None:
     images = rgb_batch if kind == "rgb" else digits[:7]
     cfg = FULL if kind == "rgb" else dataclasses.replace(FULL, size=28)
     keys = [f"{kind}-{i}" for i in range(7)]
-    gen = ViewGenerator(cfg, num_pairs=2, seed=7)
+    gen = ViewGenerator(cfg, num_views=4, seed=7, seeding="key")
     before = images.clone()
     alone = gen(images[2:3], keys[2:3])[0]
     order = [5, 0, 6, 2, 1, 4, 3]  # key 2 lands at position 3
@@ -131,7 +131,7 @@ def test_views_identical_across_processes(rgb_batch, tmp_path: Path) -> None:
         "from pipeline.config import AugmentConfig, from_dict\n"
         "cfg, keys, d = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]\n"
         "x = torch.from_numpy(np.load(d + '/in.npy'))\n"
-        "v = ViewGenerator(from_dict(AugmentConfig, cfg), 2, 11)(x[[6, 4, 1]], keys)\n"
+        "v = ViewGenerator(from_dict(AugmentConfig, cfg), 4, 11, 'key')(x[[6, 4, 1]], keys)\n"
         "np.save(d + '/out.npy', v.numpy())\n"
     )
     args = [json.dumps(to_dict(FULL)), json.dumps([keys[6], keys[4], keys[1]]), str(tmp_path)]
@@ -141,27 +141,27 @@ def test_views_identical_across_processes(rgb_batch, tmp_path: Path) -> None:
     }
     subprocess.run([sys.executable, "-c", script, *args], check=True, cwd=REPO, env=env)
     theirs = torch.from_numpy(np.load(tmp_path / "out.npy"))
-    ours = ViewGenerator(FULL, 2, 11)(rgb_batch, keys)
+    ours = ViewGenerator(FULL, 4, 11, "key")(rgb_batch, keys)
     assert torch.equal(theirs, ours[[6, 4, 1]])
 
 
 def test_different_keys_pairs_sides_seeds_differ(astronaut) -> None:
     images = astronaut.expand(4, -1, -1, -1)
-    views = ViewGenerator(FULL, 2, 0)(images, list("abcd")).flatten(0, 1)  # 16 views
+    views = ViewGenerator(FULL, 4, 0, "key")(images, list("abcd")).flatten(0, 1)  # 16 views
     dist = (views[:, None] - views[None]).abs().flatten(2).amax(-1)
     assert (dist + torch.eye(16) > 1e-3).all()
-    other_seed = ViewGenerator(FULL, 2, 1)(images, list("abcd")).flatten(0, 1)
+    other_seed = ViewGenerator(FULL, 4, 1, "key")(images, list("abcd")).flatten(0, 1)
     assert ((views - other_seed).abs().flatten(1).amax(-1) > 1e-3).all()
 
 
 def test_shape_dtype_range_and_normalisation(rgb_batch, digits) -> None:
-    views = ViewGenerator(FULL, 3, 0)(rgb_batch.double(), [str(i) for i in range(7)])
+    views = ViewGenerator(FULL, 6, 0, "key")(rgb_batch.double(), [str(i) for i in range(7)])
     assert views.shape == (7, 6, 3, 40, 40) and views.dtype == torch.float32
     assert views.min() >= 0 and views.max() <= 1
-    gray = ViewGenerator(dataclasses.replace(FULL, size=20), 1, 0)(digits, list("abcdefgh"))
+    gray = ViewGenerator(dataclasses.replace(FULL, size=20), 2, 0, "key")(digits, list("abcdefgh"))
     assert gray.shape == (8, 2, 1, 20, 20) and gray.min() >= 0 and gray.max() <= 1
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    norm = ViewGenerator(dataclasses.replace(FULL, mean=mean, std=std), 3, 0)
+    norm = ViewGenerator(dataclasses.replace(FULL, mean=mean, std=std), 6, 0, "key")
     expected = (views - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     torch.testing.assert_close(norm(rgb_batch, [str(i) for i in range(7)]), expected)
 
@@ -169,16 +169,16 @@ def test_shape_dtype_range_and_normalisation(rgb_batch, digits) -> None:
 @pytest.mark.parametrize("size", [48, 96])
 def test_flip_of_full_crop_is_flipped_resize(astronaut, size: int) -> None:
     cfg = dataclasses.replace(OFF, size=size, flip_p=1.0)
-    views = ViewGenerator(cfg, 1, 0)(astronaut[None], ["x"])[0]
+    views = ViewGenerator(cfg, 2, 0, "key")(astronaut[None], ["x"])[0]
     resized = F.interpolate(astronaut[None], size=size, mode="bilinear", align_corners=False)[0]
     for view in views:
         torch.testing.assert_close(view, torch.flip(resized, dims=[-1]), atol=1e-5, rtol=0)
 
 
 def test_all_off_is_identity(astronaut, digits) -> None:
-    views = ViewGenerator(OFF, 2, 0)(astronaut[None], ["x"])[0]
+    views = ViewGenerator(OFF, 4, 0, "key")(astronaut[None], ["x"])[0]
     torch.testing.assert_close(views, astronaut.expand(4, -1, -1, -1), atol=1e-5, rtol=0)
-    views = ViewGenerator(dataclasses.replace(OFF, size=28), 1, 0)(digits, list("abcdefgh"))
+    views = ViewGenerator(dataclasses.replace(OFF, size=28), 2, 0, "key")(digits, list("abcdefgh"))
     torch.testing.assert_close(views, digits[:, None].expand(-1, 2, -1, -1, -1), atol=1e-5, rtol=0)
 
 
@@ -195,7 +195,7 @@ def test_crop_matches_crop_then_resize(astronaut) -> None:
 
 def test_grayscale_has_equal_channels(rgb_batch) -> None:
     cfg = dataclasses.replace(FULL, grayscale_p=1.0)
-    views = ViewGenerator(cfg, 2, 0)(rgb_batch, [str(i) for i in range(7)])
+    views = ViewGenerator(cfg, 4, 0, "key")(rgb_batch, [str(i) for i in range(7)])
     assert torch.equal(views[:, :, 0], views[:, :, 1])
     assert torch.equal(views[:, :, 1], views[:, :, 2])
 
@@ -309,7 +309,7 @@ def test_resize_to_square() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu_and_is_batch_invariant(rgb_batch) -> None:
     keys = [str(i) for i in range(7)]
-    gen = ViewGenerator(FULL, 2, 3)
+    gen = ViewGenerator(FULL, 4, 3, "key")
     gpu = gen(rgb_batch.cuda(), keys)
     assert gpu.device.type == "cuda"
     assert torch.equal(gen(rgb_batch[4:5].cuda(), keys[4:5])[0], gpu[4])

@@ -29,12 +29,12 @@ from pipeline.models import MixedNet
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 
 
-def config(kind: str, projection: bool = False) -> InfluenceConfig:
+def config(kind: str, projection: bool = False, damping_mode: str = "spanned") -> InfluenceConfig:
     return InfluenceConfig(
         augment=AugmentConfig(size=24),
-        loss=LossConfig(num_pairs=1, seed=1),
+        loss=LossConfig(num_views=2, seed=1),
         projection=ProjectionConfig(enabled=projection, dim_in=6, dim_out=3),
-        curvature=CurvatureConfig(kind=kind),
+        curvature=CurvatureConfig(kind=kind, damping_mode=damping_mode),
         batch_size=128,
         device="cpu",
     )
@@ -53,8 +53,8 @@ def exact_setup(digits):
     return model, (train, train_keys), (query, query_keys), grads_train, grads_query
 
 
-def engine_scores(model, kind, train, query, projection=False):
-    engine = InfluenceSSL(model, config(kind, projection)).fit(*train)
+def engine_scores(model, kind, train, query, projection=False, damping_mode="spanned"):
+    engine = InfluenceSSL(model, config(kind, projection, damping_mode)).fit(*train)
     return influence(engine.embed(*query), engine.embed(*train)).double()
 
 
@@ -71,6 +71,19 @@ def test_dense_all_equals_exact_damped_fisher_inverse(exact_setup):
     model, train, query, g_train, g_query = exact_setup
     expected = damped_inverse_scores(flat(g_train, LAYERS), flat(g_query, LAYERS))
     assert_scores_close(engine_scores(model, "dense_all", train, query), expected)
+
+
+@pytest.mark.parametrize("spanned", [True, False])
+def test_damping_of_a_fit_smaller_than_the_dimension(exact_setup, spanned):
+    # 60 examples span at most 60 of the ~320 dimensions: "spanned" damps by the mean of the
+    # spectrum they can span, "relative" by the mean over every dimension (null space too).
+    model, (images, keys), query, g_train, g_query = exact_setup
+    g = flat(g_train, LAYERS)[:60]
+    assert g.shape[1] > 4 * len(g)
+    expected = damped_inverse_scores(g, flat(g_query, LAYERS), spanned=spanned)
+    mode = "spanned" if spanned else "relative"
+    actual = engine_scores(model, "dense_all", (images[:60], keys[:60]), query, damping_mode=mode)
+    assert_scores_close(actual, expected)
 
 
 def test_dense_per_layer_equals_exact_block_diagonal_inverse(exact_setup):

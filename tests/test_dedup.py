@@ -40,7 +40,7 @@ def corpus(digits) -> Corpus:
 def index_uri(corpus, tmp_path_factory) -> str:
     """An encoder trained briefly (SimCLR), so z is not collapsed; w, z, hashes in 3 parts."""
     config = dataclasses.replace(
-        small_config(num_pairs=2),
+        small_config(num_views=4),
         model=ModelConfig(
             arch="small_cnn",
             in_channels=1,

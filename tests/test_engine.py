@@ -28,7 +28,7 @@ def small_config(batch_size: int = 32) -> InfluenceConfig:
             kwargs={"width": 4, "out_dim": 16},
         ),
         augment=AugmentConfig(size=28, flip_p=0.0),
-        loss=LossConfig(num_pairs=2),
+        loss=LossConfig(num_views=4),
         projection=ProjectionConfig(dim_in=8, dim_out=4),
         batch_size=batch_size,
         device="cpu",
@@ -105,9 +105,9 @@ def test_bf16_autocast_keeps_w_close_to_float32_on_a_trained_encoder(digits):
 def test_a_partial_section_override_keeps_the_parents_defaults():
     from pipeline.demo import DemoConfig
 
-    demo = load_config(DemoConfig, None, ["influence.loss.num_pairs=8", "train.steps=7"])
+    demo = load_config(DemoConfig, None, ["influence.loss.num_views=8", "train.steps=7"])
     default = DemoConfig()
-    assert demo.influence.loss.num_pairs == 8
+    assert demo.influence.loss.num_views == 8
     assert demo.influence.model == default.influence.model  # still the demo's small CNN
     assert demo.influence.augment == default.influence.augment
     assert (demo.train.steps, demo.train.batch_size) == (7, default.train.batch_size)

@@ -15,27 +15,32 @@ from pipeline.influence.tracker import GradientTracker
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 
 
-def views_of(images: torch.Tensor, num_pairs: int) -> torch.Tensor:
-    generator = ViewGenerator(AugmentConfig(size=24), num_pairs=num_pairs, seed=7)
+def views_of(images: torch.Tensor, num_views: int, seeding: str = "key") -> torch.Tensor:
+    generator = ViewGenerator(AugmentConfig(size=24), num_views, seed=7, seeding=seeding)
     return generator(images, [f"k{i}" for i in range(len(images))])
 
 
-def hooked_gradients(model, tracker, views, kind):
+def hooked_gradients(model, tracker, views, kind, estimator="all_pairs"):
     batch = views.shape[0]
     with frozen_parameters(model), tracker.capture() as capture, torch.enable_grad():
-        loss = consistency_loss(model(views.flatten(0, 1)).reshape(batch, views.shape[1], -1), kind)
-        loss.sum().backward()
+        z = model(views.flatten(0, 1)).reshape(batch, views.shape[1], -1)
+        consistency_loss(z, kind, estimator).sum().backward()
     return {name: rows.gradient() for name, rows in capture.rows(batch).items()}
 
 
 @pytest.mark.parametrize("kind", ["cosine", "l2"])
-@pytest.mark.parametrize("num_pairs", [1, 3])
-def test_unprojected_hook_gradients_equal_exact(mixed_net, digits, kind, num_pairs):
-    views = views_of(digits[:6], num_pairs)
+@pytest.mark.parametrize(
+    ("estimator", "num_views", "seeding"),
+    [("pairs", 2, "key"), ("pairs", 6, "key"), ("all_pairs", 3, "common"), ("all_pairs", 8, "key")],
+)
+def test_unprojected_hook_gradients_equal_exact(
+    mixed_net, digits, kind, estimator, num_views, seeding
+):
+    views = views_of(digits[:6], num_views, seeding)
     tracker = GradientTracker(mixed_net, LayerConfig(), ProjectionConfig(enabled=False))
     assert tracker.names == LAYERS
-    hooked = hooked_gradients(mixed_net, tracker, views, kind)
-    exact = exact_gradients(mixed_net, views, LAYERS, kind)
+    hooked = hooked_gradients(mixed_net, tracker, views, kind, estimator)
+    exact = exact_gradients(mixed_net, views, LAYERS, kind, estimator)
     for name in LAYERS:
         assert hooked[name].shape == exact[name].shape
         scale = exact[name].abs().max()
@@ -44,7 +49,7 @@ def test_unprojected_hook_gradients_equal_exact(mixed_net, digits, kind, num_pai
 
 
 def test_projected_gradients_equal_projection_of_exact(mixed_net, digits):
-    views = views_of(digits[:5], 2)
+    views = views_of(digits[:5], 4)
     projection = ProjectionConfig(dim_in=5, dim_out=2, seed=3)
     tracker = GradientTracker(mixed_net, LayerConfig(), projection)
     hooked = hooked_gradients(mixed_net, tracker, views, "cosine")

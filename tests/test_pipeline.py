@@ -62,7 +62,7 @@ def pipeline_config(output, shards, checkpoint, workers=1, address=None) -> Pipe
     config.influence = InfluenceConfig(
         model=model_config(checkpoint),
         augment=AugmentConfig(size=28, flip_p=0.0),
-        loss=LossConfig(num_pairs=2),
+        loss=LossConfig(num_views=4),
         projection=ProjectionConfig(dim_in=8, dim_out=8),
         batch_size=32,
         device="cpu",

@@ -74,16 +74,36 @@ class InfluenceSSL:
         self.device = resolve_device(self.config.device)
         self.encoder = encoder.to(self.device).eval()
         self.tracker = GradientTracker(self.encoder, self.config.layers, self.config.projection)
-        self.views = ViewGenerator(
-            self.config.augment, self.config.loss.num_pairs, self.config.loss.seed
-        )
+        self.views = self.view_generator()
         shapes = [LayerShape(l.name, l.dim_in, l.dim_out) for l in self.tracker.layers]
         self.curvature = make_curvature(shapes, self.config.curvature)
+
+    def view_generator(self, num_views: int | None = None, offset: int = 0) -> ViewGenerator:
+        loss = self.config.loss
+        return ViewGenerator(
+            self.config.augment, num_views or loss.num_views, loss.seed, loss.view_seeding, offset
+        )
+
+    def use_views(self, num_views: int | None = None, offset: int = 0) -> InfluenceSSL:
+        """Embed with views `offset .. offset + num_views - 1` of the same stream from now on.
+
+        More views estimate the same expected loss with less noise (a query's w); `offset=V`
+        gives a second set independent of the index's (the reliability check). The factors
+        are unchanged.
+        """
+        self.views = self.view_generator(num_views, offset)
+        return self
+
+    def examples_per_batch(self) -> int:
+        """`batch_size`, or as many examples as fill `views_per_batch` with the views in use."""
+        if self.config.batch_size > 0:
+            return self.config.batch_size
+        return max(1, self.config.views_per_batch // self.views.num_views)
 
     # -- one batch -------------------------------------------------------------------------
 
     def make_views(self, images: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
-        """[B, 2K, C, s, s] deterministic views of each example."""
+        """[B, V, C, s, s] deterministic views of each example."""
         if len(keys) != len(images):
             raise ValueError(f"{len(images)} images but {len(keys)} keys")
         return self.views(images.to(self.device, torch.float32), list(keys))
@@ -97,7 +117,7 @@ class InfluenceSSL:
             with self.autocast():
                 z = self.encoder(views.flatten(0, 1).detach())
             z = z.float().reshape(num_examples, num_views, -1)
-            losses = consistency_loss(z, self.config.loss.kind)
+            losses = consistency_loss(z, self.config.loss.kind, self.config.loss.estimator)
             losses.sum().backward()
         return ProjectedBatch(rows=capture.rows(num_examples)), losses.detach()
 
@@ -122,7 +142,7 @@ class InfluenceSSL:
         """Partial statistics of one curvature pass over `images` (mergeable across workers)."""
         stats = stats if stats is not None else Statistics()
         keys = keys if keys is not None else default_keys(len(images))
-        for batch_images, batch_keys in batches(images, keys, self.config.batch_size):
+        for batch_images, batch_keys in batches(images, keys, self.examples_per_batch()):
             self.curvature.accumulate(pass_name, stats, self.project(batch_images, batch_keys))
         return stats
 
@@ -152,7 +172,7 @@ class InfluenceSSL:
         keys = keys if keys is not None else default_keys(len(images))
         parts = [
             self.embed_batch(batch_images, batch_keys).float().cpu()
-            for batch_images, batch_keys in batches(images, keys, self.config.batch_size)
+            for batch_images, batch_keys in batches(images, keys, self.examples_per_batch())
         ]
         return torch.cat(parts) if parts else torch.empty(0, self.curvature.dimension)
 

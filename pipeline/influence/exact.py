@@ -14,11 +14,15 @@ from pipeline.influence.loss import consistency_loss
 
 
 def exact_gradients(
-    model: nn.Module, views: torch.Tensor, layer_names: list[str], kind: str = "cosine"
+    model: nn.Module,
+    views: torch.Tensor,
+    layer_names: list[str],
+    kind: str = "cosine",
+    estimator: str = "all_pairs",
 ) -> dict[str, torch.Tensor]:
     """{layer: [B, O, I(+1)]} exact per-example gradients of the consistency loss.
 
-    `views` is [B, 2K, C, H, W]. The layout matches the adapters': the weight flattened to
+    `views` is [B, V, C, H, W]. The layout matches the adapters': the weight flattened to
     [O, I] (conv: I = C*kh*kw) with the bias gradient as an extra last column.
     """
     model = model.eval()
@@ -34,7 +38,7 @@ def exact_gradients(
 
     def loss_of(params: dict[str, torch.Tensor], example_views: torch.Tensor) -> torch.Tensor:
         z = functional_call(model, {**fixed, **params}, (example_views,))
-        return consistency_loss(z[None], kind)[0]
+        return consistency_loss(z[None], kind, estimator)[0]
 
     grads = vmap(grad(loss_of), in_dims=(None, 0))(tracked, views)
     out = {}
@@ -46,16 +50,18 @@ def exact_gradients(
 
 
 def damped_inverse_scores(
-    train: torch.Tensor, query: torch.Tensor, damping_factor: float = 0.1
+    train: torch.Tensor, query: torch.Tensor, damping_factor: float = 0.1, spanned: bool = True
 ) -> torch.Tensor:
     """Exact `g_q^T (F + lambda I)^-1 g_t` with F = E[g g^T] over `train` [N, P] (float64).
 
-    lambda = damping_factor * mean(eig(F)) = damping_factor * trace(F) / P, matching the
-    relative damping of the curvature options. Returns [Q, N].
+    lambda = damping_factor * trace(F) / min(N, P), the mean eigenvalue over the directions
+    N examples can span: the default ("spanned") damping of the curvature options (with
+    `spanned=False`, trace(F) / P, their "relative" damping). Returns [Q, N].
     """
     train, query = train.to(torch.float64), query.to(torch.float64)
     fisher = train.T @ train / train.shape[0]
-    lam = damping_factor * torch.trace(fisher) / fisher.shape[0]
+    span = min(train.shape[0], fisher.shape[0]) if spanned else fisher.shape[0]
+    lam = damping_factor * torch.trace(fisher) / span
     eye = torch.eye(fisher.shape[0], dtype=torch.float64)
     solved = torch.linalg.solve(fisher + lam * eye, train.T)
     return query @ solved

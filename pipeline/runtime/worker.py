@@ -150,7 +150,7 @@ class ShardWorker:
             self.config.input.max_pixels,
             decode_threads=self.config.runtime.decode_threads,
         )
-        return Prefetcher(samples, depth=4 * self.config.influence.batch_size)
+        return Prefetcher(samples, depth=4 * self.engine.examples_per_batch())
 
     def batches(self, samples: Iterable, limit: int = 0) -> Iterator[Batch]:
         batch = Batch(torch.empty(0), [])
@@ -163,7 +163,7 @@ class ShardWorker:
             batch.cls.append(sample.cls)
             batch.metadata.append(sample.metadata)
             batch.pixel_hashes.append(sample.pixel_hash)
-            if len(pending) == self.config.influence.batch_size:
+            if len(pending) == self.engine.examples_per_batch():
                 batch.images = torch.stack(pending)
                 yield batch
                 batch, pending = Batch(torch.empty(0), []), []

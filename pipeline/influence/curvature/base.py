@@ -61,20 +61,39 @@ class ProjectedBatch:
         return next(iter(self.gradients().values())).shape[0]
 
 
-def damping(eigenvalues: torch.Tensor, config: CurvatureConfig) -> float:
-    """`factor * mean(eigenvalues)` (relative, the default) or an absolute value."""
+DAMPING_MODES = ("spanned", "relative", "absolute")
+
+
+def damping(eigenvalues: torch.Tensor, config: CurvatureConfig, examples: int = 0) -> float:
+    """lambda from the fitted spectrum.
+
+    "spanned" (default): `factor * trace / min(examples, dim)`, the mean eigenvalue over the
+    at most `examples` directions a fit on that many examples can span. When the fit sample
+    is smaller than the dimension, the plain mean over all `dim` eigenvalues ("relative")
+    counts the null space and falls far below the spectrum the fit did see, so whitening
+    then amplifies the unfitted directions, i.e. the view noise. With examples >= dim both
+    rules agree. "absolute": `factor` itself.
+    """
+    if config.damping_mode == "spanned":
+        span = min(examples, eigenvalues.numel()) if examples > 0 else eigenvalues.numel()
+        return float(config.damping * eigenvalues.sum() / span)
     if config.damping_mode == "relative":
         return float(config.damping * eigenvalues.mean())
     if config.damping_mode == "absolute":
         return float(config.damping)
-    raise ValueError(f"damping_mode must be 'relative' or 'absolute', not {config.damping_mode!r}")
+    raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, not {config.damping_mode!r}")
 
 
 def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigendecomposition in float64 of the symmetrised matrix, eigenvalues clipped at 0."""
+    """Eigendecomposition in float64 of the symmetrised matrix, eigenvalues clipped at 0.
+
+    The vectors are made row-major, as they are after a round trip through the factors
+    file: eigh returns them column-major, and a matmul against the other layout rounds
+    differently, so w fitted in memory would differ in the last bits from a worker's.
+    """
     matrix = matrix.to(torch.float64)
     values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
-    return values.clamp_min(0.0), vectors
+    return values.clamp_min(0.0), vectors.contiguous()
 
 
 class Curvature(ABC):

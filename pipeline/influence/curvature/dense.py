@@ -48,8 +48,10 @@ class DenseCurvature(Curvature):
 
     def _complete(self, pass_name: str, stats: Statistics) -> None:
         for index in range(len(self.blocks)):
-            values, vectors = symmetric_eigh(stats.mean(f"block{index}/F"))
-            lam = torch.tensor(damping(values, self.config), dtype=torch.float64)
+            name = f"block{index}/F"
+            values, vectors = symmetric_eigh(stats.mean(name))
+            lam = damping(values, self.config, stats.counts[name])
+            lam = torch.tensor(lam, dtype=torch.float64)
             self.factors[index] = {"U": vectors, "D": values, "lambda": lam}
 
     def _whiten(self, gradients: dict[str, torch.Tensor]) -> torch.Tensor:

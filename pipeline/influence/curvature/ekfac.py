@@ -53,10 +53,12 @@ class EkfacCurvature(Curvature):
                 _, q_out = symmetric_eigh(stats.mean(f"{layer.name}/S"))
                 self.factors[layer.name] = {"Q_A": q_in, "Q_S": q_out}
             else:
-                corrected = stats.mean(f"{layer.name}/L")
+                name = f"{layer.name}/L"
+                corrected = stats.mean(name)
                 f = self.factors[layer.name]
                 f["L"] = corrected
-                f["lambda"] = torch.tensor(damping(corrected, self.config), dtype=torch.float64)
+                lam = damping(corrected, self.config, stats.counts[name])
+                f["lambda"] = torch.tensor(lam, dtype=torch.float64)
 
     def _whiten(self, gradients: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = []
