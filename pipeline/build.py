@@ -20,6 +20,7 @@ from pipeline.index.manifest import check_compatible, read_manifest, write_manif
 from pipeline.index.parts import read_marker
 from pipeline.index.reader import Index
 from pipeline.index.searchstore import build_search_index
+from pipeline.influence.reliability import describe as describe_reliability
 from pipeline.runtime.pool import Task, WorkerPool, connect
 from pipeline.runtime.progress import Progress
 
@@ -65,11 +66,14 @@ def build_under_lease(driver: Driver, config: PipelineConfig) -> dict:
         restarts = outcome.restarts
     summary = summarise(driver.output, shards, failures, progress.rate if todo else 0.0)
     summary["worker_restarts_this_run"] = restarts
+    summary["reliability"] = manifest.get("reliability") or {}
     manifest["shards"] = summary.pop("shards")
     manifest["stats"] = summary
     write_manifest(driver.output, manifest)
     driver.output.write_bytes(SUMMARY, json.dumps(summary, indent=2, sort_keys=True).encode())
     print_summary(summary, driver.output.uri)
+    for line in describe_reliability(manifest.get("reliability") or {}):
+        print(line, flush=True)
     if summary["examples"]:
         build_search_index(Index(config.output), config.index.search)
     return summary

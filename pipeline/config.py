@@ -240,6 +240,9 @@ class FitConfig:
     max_shards: int = 64
     max_examples_per_shard: int = 0  # 0: all
     seed: int = 0
+    # Examples of the fit sample embedded a second time, with V independent views, to record
+    # how reproducible w is (manifest "reliability"); 0: skip the check.
+    reliability_sample: int = 300
 
 
 @dataclass

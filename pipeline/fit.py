@@ -26,6 +26,7 @@ from pipeline.index.manifest import (
     write_manifest,
 )
 from pipeline.influence.engine import InfluenceSSL
+from pipeline.influence.reliability import describe as describe_reliability
 from pipeline.influence.statistics import Statistics
 from pipeline.models import model_identity
 from pipeline.runtime.pool import Task, WorkerPool, connect
@@ -85,6 +86,7 @@ def fit_under_lease(driver: Driver, config: PipelineConfig) -> dict:
     pool = WorkerPool(config)
     try:
         fitted = fit_passes(driver.engine, pool, sample)
+        reliability = check_reliability(driver.engine, pool, fitted["shards"], config.fit)
     finally:
         pool.shutdown()
 
@@ -98,12 +100,45 @@ def fit_under_lease(driver: Driver, config: PipelineConfig) -> dict:
         "damping": damping_values(driver.engine),
         **fitted,
     }
+    manifest["reliability"] = reliability
     write_manifest(driver.output, manifest)
     print(
         f"fitted {driver.engine.curvature.kind} factors on {fitted['examples']:,} examples "
         f"from {len(fitted['shards'])} shards -> {driver.output.url(FACTORS)}"
     )
+    warn_if_short(fitted["examples"], driver.engine)
+    for line in describe_reliability(reliability):
+        print(line, flush=True)
     return manifest
+
+
+def check_reliability(engine: InfluenceSSL, pool: WorkerPool, shards: list[str], fit) -> dict:
+    """w of a fixed sample (the first examples of the fit shards) from two independent view
+    sets, compared on one worker with the final factors."""
+    if not fit.reliability_sample or not shards:
+        return {}
+    state = {k: v.cpu() for k, v in engine.curvature.state_dict().items()}
+    pool.broadcast("load_curvature", state, list(engine.curvature.completed))
+    found: dict = {}
+    outcome = pool.run(
+        [Task("reliability", (shards, fit.reliability_sample), "reliability")],
+        lambda task, result: found.update(result),
+    )
+    if outcome.failures:
+        log.warning("reliability check failed: %s", outcome.failures[0][1])
+    return found
+
+
+def warn_if_short(examples: int, engine: InfluenceSSL) -> None:
+    """A fit on fewer examples than the dimension spans only part of it: say so."""
+    if examples < engine.dimension:
+        print(
+            f"note: the curvature was fitted on {examples:,} examples, fewer than its dimension "
+            f"D = {engine.dimension:,}; it spans at most {examples:,} directions (damping is "
+            "relative to that span). Fit on more examples (fit.max_shards) for a full-rank "
+            "curvature.",
+            flush=True,
+        )
 
 
 def fit_passes(engine: InfluenceSSL, pool: WorkerPool, sample: list[str]) -> dict:

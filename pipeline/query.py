@@ -10,6 +10,7 @@ otherwise an exact scan over the parts, one part at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from pipeline.index.searchstore import (
 )
 from pipeline.influence.engine import InfluenceSSL
 from pipeline.models import model_identity
+from pipeline.refine import Refiner, rerank
 from pipeline.storage import read_uri
 
 RESULTS = f"{QUERY_DIR}/results.parquet"
@@ -53,6 +55,13 @@ class QueryConfig:
     model: dict = field(default_factory=dict)
     projection: dict = field(default_factory=dict)
     device: str = "cpu"
+    # Views for the w of query images; 0: 4x the index's V. Queries are few, so their w can
+    # afford more views: the same expected loss, less noise (views 0..V-1 are the index's).
+    views: int = 0
+    # Re-rank with refined w: the top `refine_candidates` of each query (and the query, when
+    # it is a key) are read back from their shards and embedded with `refine` views; 0: off.
+    refine: int = 0
+    refine_candidates: int = 50
 
 
 @dataclass
@@ -60,6 +69,8 @@ class Queries:
     names: list[str]  # the key, or the image's file name
     sources: list[str]  # "" for keys in the index, else the image's path or URI
     vectors: np.ndarray  # [Q, D]
+    rows: list[int] = field(default_factory=list)  # global row of a key, -1 for an image
+    images: list[torch.Tensor | None] = field(default_factory=list)  # an image query's pixels
 
 
 def run_query(config: QueryConfig) -> pa.Table:
@@ -72,13 +83,17 @@ def run_query(config: QueryConfig) -> pa.Table:
         raise ValueError(f"top must be >= 1, got {config.top}")
     index = Index(config.index)
     queries = stack(key_queries(index, config.keys), image_queries(index, config))
-    find = finder(index, config)
-    results = pa.concat_tables(
-        [
-            hits_table(index, queries, direction, find(queries.vectors, direction == "opponent"))
-            for direction in ("proponent", "opponent")
-        ]
-    )
+    candidates = max(config.top, config.refine_candidates) if config.refine else config.top
+    find = finder(index, config, candidates)
+    refined = refined_queries(index, queries, config) if config.refine else None
+    tables = []
+    for direction in ("proponent", "opponent"):
+        found = find(queries.vectors, direction == "opponent")
+        if refined is None:
+            tables.append(hits_table(index, queries, direction, found))
+        else:
+            tables.append(refined_hits(refined, queries, direction, found, config))
+    results = pa.concat_tables(tables)
     print_results(results, queries.names)
     if config.save:
         print(f"kept for `report`: {index.write_table(RESULTS, results)}")
@@ -96,7 +111,7 @@ def key_queries(index: Index, keys: list[str]) -> Queries:
     table = index.table(["key"])
     rows = rows_of(table, keys)
     vectors = index.vectors(index.take(rows, ["w"]))
-    return Queries(list(keys), [""] * len(keys), vectors)
+    return Queries(list(keys), [""] * len(keys), vectors, rows.tolist(), [None] * len(keys))
 
 
 def rows_of(table: pa.Table, keys: list[str]) -> np.ndarray:
@@ -112,6 +127,7 @@ def image_queries(index: Index, config: QueryConfig) -> Queries:
     if not config.images:
         return Queries([], [], np.empty((0, index.dimension), np.float32))
     engine, pipeline_config = engine_for(index, config.model, config.projection, config.device)
+    engine.use_views(query_views(config.views, pipeline_config))
     side = pipeline_config.input.side or pipeline_config.influence.augment.size
     channels = pipeline_config.influence.model.in_channels
     images = [
@@ -120,7 +136,12 @@ def image_queries(index: Index, config: QueryConfig) -> Queries:
     ]
     names = [os.path.basename(str(uri).rstrip("/")) or str(uri) for uri in config.images]
     w = engine.embed(torch.stack(images), keys=names).numpy()
-    return Queries(names, list(config.images), w)
+    return Queries(names, list(config.images), w, [-1] * len(images), images)
+
+
+def query_views(views: int, config: PipelineConfig) -> int:
+    """Views for query images: `views`, or 4x the index's V when 0."""
+    return views if views > 0 else 4 * config.influence.loss.num_views
 
 
 def engine_for(
@@ -173,13 +194,15 @@ def stack(*parts: Queries) -> Queries:
         [n for p in parts for n in p.names],
         [s for p in parts for s in p.sources],
         np.concatenate([p.vectors for p in parts]).astype(np.float32),
+        [r for p in parts for r in p.rows],
+        [i for p in parts for i in p.images],
     )
 
 
 # -- search ----------------------------------------------------------------------------------
 
 
-def finder(index: Index, config: QueryConfig) -> Callable[[np.ndarray, bool], tuple]:
+def finder(index: Index, config: QueryConfig, top: int) -> Callable[[np.ndarray, bool], tuple]:
     """`find(vectors, opponents) -> (scores, global rows)` of the top-k per query: the stored
     search index when its metric matches the ranking asked for (its shards loaded once for
     both directions), else an exact scan of the parts."""
@@ -187,16 +210,77 @@ def finder(index: Index, config: QueryConfig) -> Callable[[np.ndarray, bool], tu
     metric = "cosine" if config.normalized else "inner_product"
     if stored is not None and stored["metric"] == metric:
         store = SearchStore(index, stored)
-        return lambda vectors, opponents: store.search(vectors, config.top, opponents=opponents)
+        return lambda vectors, opponents: store.search(vectors, top, opponents=opponents)
     return lambda vectors, opponents: brute_force_top_k(
-        index, vectors, config.top, config.normalized, opponents
+        index, vectors, top, config.normalized, opponents
+    )
+
+
+# -- refinement ------------------------------------------------------------------------------
+
+
+@dataclass
+class RefinedQueries:
+    refiner: Refiner
+    vectors: np.ndarray  # [Q, D] the queries' w with `refine` views
+
+
+def refined_queries(index: Index, queries: Queries, config: QueryConfig) -> RefinedQueries:
+    """The queries' own w with `refine` views: keys read back from their shards, images
+    re-embedded."""
+    refiner = Refiner(index, config.refine, config.device, config.model, config.projection)
+    vectors = queries.vectors.copy()
+    keyed = [i for i, row in enumerate(queries.rows) if row >= 0]
+    if keyed:
+        vectors[keyed] = refiner.rows(np.array([queries.rows[i] for i in keyed]))[0]
+    pictured = [i for i, image in enumerate(queries.images) if image is not None]
+    if pictured:
+        images = torch.stack([queries.images[i] for i in pictured])
+        vectors[pictured] = refiner.embed_images(images, [queries.names[i] for i in pictured])
+    return RefinedQueries(refiner, vectors)
+
+
+def refined_hits(
+    refined: RefinedQueries,
+    queries: Queries,
+    direction: str,
+    found: tuple[np.ndarray, np.ndarray],
+    config: QueryConfig,
+) -> pa.Table:
+    """The candidates re-embedded with `refine` views, re-ranked, cut to `top`."""
+    _, candidates = found
+    flat = candidates.reshape(-1)
+    vectors = np.zeros((len(flat), queries.vectors.shape[1]), np.float32)
+    ok = flat >= 0
+    if ok.any():
+        vectors[ok] = refined.refiner.rows(flat[ok])[0]
+    vectors = vectors.reshape(*candidates.shape, -1)
+    scores, rows = rerank(
+        refined.vectors,
+        candidates,
+        vectors,
+        config.top,
+        config.normalized,
+        direction == "opponent",
+    )
+    return hits_table(
+        refined.refiner.index,
+        dataclasses.replace(queries, vectors=refined.vectors),
+        direction,
+        (scores, rows),
+        refined.refiner,
     )
 
 
 def hits_table(
-    index: Index, queries: Queries, direction: str, found: tuple[np.ndarray, np.ndarray]
+    index: Index,
+    queries: Queries,
+    direction: str,
+    found: tuple[np.ndarray, np.ndarray],
+    refiner: Refiner | None = None,
 ) -> pa.Table:
-    """One row per (query, rank) with raw and normalised influence."""
+    """One row per (query, rank) with raw and normalised influence (from refined w when a
+    refiner is given, else the stored w)."""
     _, rows = found
     q_of_hit = np.repeat(np.arange(len(queries.names)), rows.shape[1])
     rank = np.tile(np.arange(rows.shape[1]), len(queries.names))
@@ -204,7 +288,10 @@ def hits_table(
     rows, q_of_hit, rank = rows.reshape(-1)[keep], q_of_hit[keep], rank[keep]
     hits = index.take(rows, ["key", "shard", "w"])
     q = queries.vectors[q_of_hit]
-    w = index.vectors(hits)
+    if refiner is None:
+        w, refined = index.vectors(hits), np.zeros(len(rows), dtype=bool)
+    else:
+        w, refined = refiner.rows(rows)
     influence = np.einsum("nd,nd->n", q, w)
     norms = np.linalg.norm(q, axis=1) * np.linalg.norm(w, axis=1)
     return pa.table(
@@ -219,6 +306,7 @@ def hits_table(
             "normalized_influence": pa.array(
                 (influence / np.maximum(norms, 1e-30)).astype(np.float32)
             ),
+            "refined": pa.array(refined, pa.bool_()),
         }
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -33,6 +34,7 @@ from pipeline.fit import run_fit
 from pipeline.index.layout import FACTORS, MANIFEST
 from pipeline.index.manifest import IndexMismatchError
 from pipeline.influence.engine import InfluenceSSL
+from pipeline.influence.reliability import measure as measure_reliability
 from pipeline.models import build_encoder
 from pipeline.storage import open_storage
 
@@ -112,6 +114,15 @@ def test_index_has_every_key_once_and_matches_in_memory_api(built, digits):
     )
     assert manifest["dimension"] == w.shape[1] == engine.dimension
     assert manifest["factors"]["examples"] == 240
+
+    # Reliability: the same sample embedded with the independent views V..2V-1, compared.
+    second = engine.use_views(4, 4).embed(images, keys=[f"d{i:04d}" for i in range(240)])
+    wanted = measure_reliability(torch.from_numpy(expected), second, 4)
+    recorded = manifest["reliability"]
+    assert recorded["views"] == 4 and recorded["sample"] == 240
+    for name in ("median_cos", "self_influence_spearman", "top10_overlap"):
+        assert recorded[name] == pytest.approx(wanted[name], abs=2e-3)
+    assert summary["reliability"] == recorded
 
 
 def assert_same_vectors(table: pa.Table, expected: pa.Table) -> None:
@@ -361,22 +372,26 @@ def test_query_by_image_file_computes_w_with_the_manifest_settings(built, digits
 
     _, _, output, _ = built
     assert os.path.exists(os.path.join(output, "search", "manifest.json"))  # written by build
-    # Views are keyed by name: a file named like the key gives exactly the stored w.
-    image = tmp_path / "d0005"
+    # Views are common to all examples: with the index's V views, the same pixels under any
+    # name give exactly the stored w.
+    image = tmp_path / "a copy of five.png"
     image.write_bytes(png_bytes(digits[5]))
-    results = run_query(QueryConfig(index=str(output), images=[str(image)], top=3, save=False))
+    query = QueryConfig(index=str(output), images=[str(image)], top=3, save=False, views=4)
+    results = run_query(query)
     proponents = [r for r in results.to_pylist() if r["direction"] == "proponent"]
     assert proponents[0]["key"] == "d0005" and proponents[0]["query_source"] == str(image)
     assert proponents[0]["normalized_influence"] == pytest.approx(1.0, abs=1e-4)
+    # By default a query image gets 4x the index's views: another estimate of the same w.
+    more = run_query(dataclasses.replace(query, views=0))
+    assert more.column("key")[0].as_py() == "d0005"
+    assert 0.3 < more.column("normalized_influence")[0].as_py() < 0.9999
 
     # The same image from the object store (the session's S3 server on loopback).
     from pipeline.storage import S3Storage
 
     S3Storage("query-images").client.create_bucket(Bucket="query-images")
     open_storage("s3://query-images").write_bytes("q/d0005", png_bytes(digits[5]))
-    remote = run_query(
-        QueryConfig(index=str(output), images=["s3://query-images/q/d0005"], top=3, save=False)
-    )
+    remote = run_query(dataclasses.replace(query, images=["s3://query-images/q/d0005"]))
     assert remote.column("key").equals(results.column("key"))
     assert remote.column("influence").equals(results.column("influence"))
 

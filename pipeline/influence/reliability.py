@@ -43,7 +43,7 @@ def views_for(r: float, views: int, target: float) -> int | None:
     if r <= 0.0 or target >= 1.0:
         return None
     factor = target * (1.0 - r) / (r * (1.0 - target))
-    return int(math.ceil(views * factor))
+    return math.ceil(views * factor)
 
 
 def ranks(values: np.ndarray) -> np.ndarray:
@@ -84,7 +84,9 @@ def top_overlap(w_a: torch.Tensor, w_b: torch.Tensor, k: int = 10) -> float:
 def measure(w_a: torch.Tensor, w_b: torch.Tensor, views: int, top: int = 10) -> dict:
     """Reliability figures of w from two independent view sets of `views` views each."""
     if w_a.shape != w_b.shape or w_a.ndim != 2 or len(w_a) < 2:
-        raise ValueError(f"need two [N >= 2, D] sets of w, got {tuple(w_a.shape)}, {tuple(w_b.shape)}")
+        raise ValueError(
+            f"need two [N >= 2, D] sets of w, got {tuple(w_a.shape)}, {tuple(w_b.shape)}"
+        )
     cos = (unit(w_a) * unit(w_b)).sum(1).numpy()
     s_a, s_b = w_a.double().pow(2).sum(1).numpy(), w_b.double().pow(2).sum(1).numpy()
     figures = {
@@ -94,14 +96,16 @@ def measure(w_a: torch.Tensor, w_b: torch.Tensor, views: int, top: int = 10) -> 
     }
     return {
         "views": int(views),
-        "sample": int(len(w_a)),
+        "sample": len(w_a),
         **figures,
         "projected": {
             str(int(views * f)): {name: spearman_brown(figures[name], f) for name in PROJECTED}
             for f in (0.5, 2, 4, 8)
             if views * f >= 2
         },
-        "views_for_targets": {name: views_for(figures[name], views, TARGETS[name]) for name in PROJECTED},
+        "views_for_targets": {
+            name: views_for(figures[name], views, TARGETS[name]) for name in PROJECTED
+        },
         "targets": dict(TARGETS),
         "below_targets": [name for name, t in TARGETS.items() if not figures[name] >= t],
     }
@@ -109,6 +113,8 @@ def measure(w_a: torch.Tensor, w_b: torch.Tensor, views: int, top: int = 10) -> 
 
 def describe(figures: dict) -> list[str]:
     """Lines for a terminal: the figures, what more views would give, and any warning."""
+    if not figures:
+        return []
     v = figures["views"]
     lines = [
         f"reliability (w from two independent sets of V = {v} views, {figures['sample']} "
@@ -123,7 +129,9 @@ def describe(figures: dict) -> list[str]:
     below = figures["below_targets"]
     if below:
         needed = figures["views_for_targets"].get("median_cos")
-        hint = f"; about V = {needed} views would reach cos {TARGETS['median_cos']}" if needed else ""
+        hint = (
+            f"; about V = {needed} views would reach cos {TARGETS['median_cos']}" if needed else ""
+        )
         lines.append(
             f"  WARNING: below target on {', '.join(below)} "
             f"({', '.join(f'{n} >= {TARGETS[n]}' for n in below)}): pairwise answers change "

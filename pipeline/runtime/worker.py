@@ -23,6 +23,7 @@ from pipeline.data import ReadStats, read_shard, shard_id
 from pipeline.index.layout import FACTORS, retry_path
 from pipeline.index.parts import part_table, publish_part
 from pipeline.influence.engine import InfluenceSSL
+from pipeline.influence.reliability import measure as measure_reliability
 from pipeline.influence.statistics import Statistics
 from pipeline.models import Encoder, build_encoder
 from pipeline.storage import open_storage, read_uri
@@ -96,6 +97,32 @@ class ShardWorker:
             samples.close()  # also on failure: no reader thread left behind for a retry
         check_stream(url, read)
         return {"stats": stats.to_tensors(), "read": read.to_dict(), "examples": examples}
+
+    def reliability(self, urls: list[str], sample: int) -> dict:
+        """Reliability of w (pipeline.influence.reliability) on the first `sample` examples
+        of `urls`: embedded with the index's views 0..V-1 and with the independent V..2V-1."""
+        images, keys = [], []
+        for url in urls:
+            samples = self.open_shard(url, ReadStats())
+            try:
+                for batch in self.batches(samples, sample - len(keys)):
+                    images.append(batch.images)
+                    keys += batch.keys
+            finally:
+                samples.close()
+            if len(keys) >= sample:
+                break
+        if len(keys) < 2:
+            raise ValueError(f"reliability needs >= 2 readable examples, found {len(keys)}")
+        x = torch.cat(images)
+        views = self.engine.config.loss.num_views
+        with self.compute:
+            try:
+                w_a = self.engine.use_views(views, 0).embed(x, keys)
+                w_b = self.engine.use_views(views, views).embed(x, keys)
+            finally:
+                self.engine.use_views(views, 0)
+        return measure_reliability(w_a, w_b, views)
 
     def build_shard(self, url: str) -> dict:
         """Embed every example of a shard; publish its part, then its marker."""
