@@ -73,7 +73,7 @@ def quality(uri: str, corpus) -> list[str]:
     for mode, taus in TAUS.items():
         for tau in taus:
             with contextlib.redirect_stdout(io.StringIO()):
-                table = run_dedup(DedupConfig(index=uri, mode=mode, tau=tau))
+                table = run_dedup(DedupConfig(index=uri, mode=mode, tau=tau, refine=0))
             both = evaluate_duplicates(table, corpus.truth)
             exact = evaluate_duplicates(table, corpus.exact)["pair_recall"]
             near = [evaluate_duplicates(table, g)["pair_recall"] for g in by_strength.values()]
@@ -109,7 +109,7 @@ def throughput(sizes: list[int], d: int) -> list[str]:
                 "self_influence": np.ones(n, np.float32),
             }
         )
-        config = DedupConfig(mode="influence", tau=0.95, exact=False)
+        config = DedupConfig(mode="influence", tau=0.95, exact=False, refine=0)
         started = time.perf_counter()
         result = dedup_table(table, x, config)
         seconds = time.perf_counter() - started

@@ -48,7 +48,7 @@ KINDS = ("ekfac", "dense", "dense_all", "identity")
 DIMS = (None, 4, 8, 16, 32)  # None: projection off
 MAX_DENSE_ALL = 8000
 TOP = 10
-DAMPING = 0.1
+DAMPING = CurvatureConfig().damping  # set from --damping
 SPREAD_KINDS = ("ekfac", "dense", "dense_all")  # re-run at SPREAD_DIM with other seeds
 SPREAD_DIM = 16
 SPREAD_SEEDS = (1, 2)
@@ -61,11 +61,11 @@ AUGMENT = AugmentConfig(
 )
 
 
-def engine_config(kind: str, dim: int | None, num_pairs: int) -> InfluenceConfig:
+def engine_config(kind: str, dim: int | None, loss: LossConfig) -> InfluenceConfig:
     return InfluenceConfig(
         model=MODEL,
         augment=AUGMENT,
-        loss=LossConfig(num_views=2 * num_pairs, estimator="pairs", seed=0),
+        loss=loss,
         projection=ProjectionConfig(
             dim_in=dim or 0, dim_out=dim or 0, enabled=dim is not None, seed=0
         ),
@@ -156,7 +156,7 @@ class Bench:
         trained = time.perf_counter()
         print(f"trained {args.steps} SimCLR steps ({trained - started:.0f}s)", flush=True)
 
-        probe = InfluenceSSL(self.encoder, engine_config("identity", None, args.pairs))
+        probe = InfluenceSSL(self.encoder, engine_config("identity", None, loss_of(args)))
         self.names = probe.tracker.names
         sizes = [layer.features_in * layer.features_out for layer in probe.tracker.layers]
         offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
@@ -177,9 +177,9 @@ class Bench:
         )
 
     def evaluate(self, kind: str, dim: int | None, seed: int = 0) -> dict | None:
-        config = engine_config(kind, dim, self.args.pairs)
+        config = engine_config(kind, dim, loss_of(self.args))
         config.projection.seed = seed
-        shaped = InfluenceSSL(self.encoder, engine_config("identity", dim, self.args.pairs))
+        shaped = InfluenceSSL(self.encoder, engine_config("identity", dim, loss_of(self.args)))
         if kind == "dense_all" and shaped.dimension > MAX_DENSE_ALL:
             return None
         tic, cpu = time.perf_counter(), time.process_time()
@@ -200,7 +200,13 @@ class Bench:
         }
 
 
+def loss_of(args: argparse.Namespace) -> LossConfig:
+    return LossConfig(num_views=args.views, estimator=args.estimator, seed=0)
+
+
 def run(args: argparse.Namespace) -> str:
+    global DAMPING
+    DAMPING = args.damping
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     bench = Bench(args)
@@ -226,8 +232,9 @@ def run(args: argparse.Namespace) -> str:
         f"{len(bench.names)} tracked Linear/Conv2d layers ({', '.join(bench.names)}); "
         f"SimCLR-trained {args.steps} steps (batch 128, loss {losses[0]:.2f} -> "
         f"{sum(losses[-10:]) / 10:.2f}), eval mode. N = {len(bench.train)} train digits, "
-        f"Q = {len(bench.query)} held-out query digits, K = {args.pairs} view pairs, cosine "
-        "consistency loss, damping 0.1 x mean eigenvalue (relative) everywhere, projection "
+        f"Q = {len(bench.query)} held-out query digits, V = {args.views} views "
+        f"({args.estimator}), common views, cosine consistency loss, damping {args.damping} x "
+        "mean eigenvalue everywhere (N > D: spanned = relative), projection "
         f"seed 0. {time.perf_counter() - started:.0f}s in all on {args.threads} CPU threads "
         "(the fit+embed wall seconds swing with other load on the machine; the CPU seconds "
         "less so)."
@@ -319,8 +326,9 @@ def findings(results: dict, spread: dict) -> str:
 
 def report(results: dict, spread: dict, setup: str, args: argparse.Namespace) -> str:
     command = "python benchmarks/fidelity.py"
-    if vars(args) != vars(parse_args([])):
-        command += " " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+    changed = {k: v for k, v in vars(args).items() if v != vars(parse_args([]))[k] and k != "out"}
+    if changed:
+        command += " " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items())
     header = (
         "| curvature | projection | D | fit+embed s (wall / cpu) "
         "| rho all | top-10 | rho self | cos top-10 "
@@ -359,16 +367,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--num-query", type=int, default=100)
-    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--views", type=int, default=LossConfig().num_views)
+    parser.add_argument("--estimator", default=LossConfig().estimator)
+    parser.add_argument("--damping", type=float, default=CurvatureConfig().damping)
+    parser.add_argument("--out", default=str(RESULTS / "fidelity.md"))
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)
 
 
 def main() -> None:
-    text = run(parse_args())
+    args = parse_args()
+    text = run(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fidelity.md").write_text(text)
+    Path(args.out).write_text(text)
     print("\n" + text)
 
 

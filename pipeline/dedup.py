@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +34,9 @@ KEEP_POLICIES = ("first", "lowest_self_influence", "highest_self_influence")
 # precision collapses (view noise: copies with other keys get other views, so cos(w) of even
 # exact copies is ~0.2-0.4); embedding: 0.99 trades recall of strong edits for precision.
 DEFAULT_TAU = {"influence": 0.9, "embedding": 0.99}
+# Views of the refined w of candidate pairs (influence mode): demo_quality.md shows refined
+# pairs separating near-copies from unrelated digits where stored w (V = 16) does not.
+DEFAULT_REFINE = 64
 VECTOR_COLUMN = {"influence": "w", "embedding": "z"}
 REASONS = ("unique", "kept", "exact_duplicate", "influence_duplicate", "embedding_duplicate")
 
@@ -50,9 +53,21 @@ class DedupConfig:
     flat_max_rows: int = 20_000  # exact search up to this many rows, else IVF-PQ + re-rank
     nprobe: int = 32  # IVF lists probed per query (IVF-PQ only)
     chunk: int = 4096  # queries per search call: bounds the neighbour arrays in memory
+    # Influence mode: candidate pairs with stored cos(w) >= refine_floor are re-scored with w
+    # of `refine` views (images read back from their shards), and joined when that refined
+    # cosine is >= tau. None: DEFAULT_REFINE views in influence mode; 0: off. At most
+    # `refine_max` examples are re-embedded (the candidates of the most similar pairs first).
+    refine: int | None = None
+    refine_floor: float = 0.5
+    refine_max: int = 20_000
 
     def resolved_tau(self) -> float:
         return DEFAULT_TAU[self.mode] if self.tau is None else float(self.tau)
+
+    def resolved_refine(self) -> int:
+        if self.refine is None:
+            return DEFAULT_REFINE if self.mode == "influence" else 0
+        return int(self.refine)
 
 
 REDUCE_DIM = 128
@@ -69,6 +84,8 @@ def check_config(config: DedupConfig) -> None:
         raise ValueError(f"tau is a cosine threshold and must lie in [-1, 1], got {tau}")
     if config.k < 1 or config.chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={config.k}, chunk={config.chunk}")
+    if config.resolved_refine() and config.mode != "influence":
+        raise ValueError("refine re-embeds w: it applies to mode=influence only")
 
 
 # -- the graph -----------------------------------------------------------------------------
@@ -148,13 +165,50 @@ def keep_order(keys: np.ndarray, self_influence: np.ndarray, policy: str) -> np.
     return rank
 
 
-def dedup_table(table: pa.Table, x: np.ndarray, config: DedupConfig) -> pa.Table:
+RefineRows = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def refined_edges(
+    x: np.ndarray, config: DedupConfig, refine_rows: RefineRows
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges from refined w: candidates with stored cos >= refine_floor, re-scored.
+
+    `x` (unit rows) is updated in place with the refined unit vectors, so the similarities
+    reported later are the refined ones too. Returns (i, j, refined cos) with cos >= tau.
+    """
+    tau = config.resolved_tau()
+    i, j, stored = near_edges(x, min(config.refine_floor, tau), config)
+    order = np.argsort(-stored, kind="stable")
+    i, j, stored = i[order], j[order], stored[order]
+    # The examples of the most similar pairs first, up to refine_max of them.
+    first_seen = np.unique(np.stack([i, j], 1).reshape(-1), return_index=True)
+    rows = first_seen[0][np.argsort(first_seen[1])][: config.refine_max]
+    if len(rows):
+        w, ok = refine_rows(rows)
+        x[rows[ok]] = l2_normalize(np.asarray(w[ok], np.float32))
+        done = np.zeros(len(x), dtype=bool)
+        done[rows[ok]] = True
+        both = done[i] & done[j]
+        if not both.all():
+            print(f"refine: {int((~both).sum()):,} candidate pairs scored with stored w")
+    sims = np.einsum("nd,nd->n", x[i], x[j])
+    keep = sims >= tau
+    return i[keep], j[keep], sims[keep].astype(np.float32)
+
+
+def dedup_table(
+    table: pa.Table, x: np.ndarray, config: DedupConfig, refine_rows: RefineRows | None = None
+) -> pa.Table:
     """The keep/remove table of every row of `table` (key, shard, self_influence[, pixel_hash])
-    given its unit-normalisable vectors `x` [N, D] in the mode's space."""
+    given its unit-normalisable vectors `x` [N, D] in the mode's space; with `config.refine`,
+    `refine_rows(rows) -> (w, ok)` gives refined vectors of candidate rows."""
     check_config(config)
     n = table.num_rows
     x = l2_normalize(np.asarray(x, np.float32))
-    i, j, _ = near_edges(x, config.resolved_tau(), config)
+    if config.resolved_refine() and refine_rows is not None:
+        i, j, _ = refined_edges(x, config, refine_rows)
+    else:
+        i, j, _ = near_edges(x, config.resolved_tau(), config)
     hashes = table.column("pixel_hash").to_pylist() if config.exact else [None] * n
     hi, hj = hash_edges(hashes)
     label = components(n, np.concatenate([i, hi]), np.concatenate([j, hj]))
@@ -245,6 +299,7 @@ def summarise(result: pa.Table, config: DedupConfig, seconds: float) -> dict:
         "k": config.k,
         "keep": config.keep,
         "exact": config.exact,
+        "refine": config.resolved_refine(),
         "examples": n,
         "groups": groups,
         "exact_groups": groups - len(near_groups),
@@ -263,7 +318,12 @@ def run_dedup(config: DedupConfig) -> pa.Table:
     started = time.perf_counter()
     index = Index(config.index)
     table, x = read_inputs(index, config)
-    result = dedup_table(table, x, config)
+    refine_rows = None
+    if config.resolved_refine():
+        from pipeline.refine import Refiner  # loads the model: only when refining
+
+        refine_rows = Refiner(index, config.resolved_refine()).rows
+    result = dedup_table(table, x, config, refine_rows)
     summary = summarise(result, config, time.perf_counter() - started)
     url = index.write_table(f"{DEDUP_DIR}/{config.mode}.parquet", result)
     summary_path = f"{DEDUP_DIR}/{config.mode}.summary.json"
@@ -276,7 +336,8 @@ def run_dedup(config: DedupConfig) -> pa.Table:
 def print_summary(result: pa.Table, summary: dict, top: int) -> None:
     print(
         f"dedup ({summary['mode']}, tau={summary['tau']}, k={summary['k']}, keep="
-        f"{summary['keep']}): {summary['examples']:,} examples, {summary['groups']:,} groups "
+        f"{summary['keep']}, refine={summary['refine']}): {summary['examples']:,} examples, "
+        f"{summary['groups']:,} groups "
         f"({summary['exact_groups']:,} exact, {summary['near_groups']:,} near), "
         f"{summary['removed']:,} to remove; {summary['examples_per_second']:,} examples/s"
     )

@@ -35,6 +35,7 @@ from pipeline.config import (
 )
 from pipeline.data import write_shards
 from pipeline.digits import digit_augment, shuffled_digits
+from pipeline.influence.reliability import describe as describe_reliability
 from pipeline.models import build_encoder
 from pipeline.train import TrainConfig, train_ssl
 
@@ -190,8 +191,9 @@ def run_demo(config: DemoConfig | None = None) -> dict:
     verb("query", "--out", index, "--set", f"images={json.dumps(queries)}",
          "--set", f"keys={json.dumps(query_keys)}", "--set", f"top={config.top}")  # fmt: skip
     verb("rank", "--out", index, "--set", "top=10")
-    verb("dedup", "--out", index, "--set", "mode=influence")
-    verb("dedup", "--out", index, "--set", "mode=embedding")
+    # Pixel hash off: what the model's vectors find (the hash finds exact copies by itself).
+    verb("dedup", "--out", index, "--set", "mode=influence", "--set", "exact=false")
+    verb("dedup", "--out", index, "--set", "mode=embedding", "--set", "exact=false")
     verb("groups", "--out", index, "--set", "field=label")
     verb("report", "--out", index)
     clock.lap("query, rank, dedup, groups, report")
@@ -266,6 +268,7 @@ def evaluate(config: DemoConfig, corpus: Corpus, index: str, clock: Clock) -> di
         "top_self_influence_window": len(top),
         "outliers": config.outliers,
         "report": str(Path(index) / "report" / "index.html"),
+        "reliability": summary.get("reliability") or {},
     }
 
 
@@ -315,7 +318,9 @@ def duplicates_found(index: str, mode: str, truth: dict[str, str], kinds: dict) 
 
 def print_findings(findings: dict) -> None:
     print("\n== demo findings ==")
-    print(f"{'':28}{'influence':>12}{'embedding':>12}")
+    for line in describe_reliability(findings.get("reliability") or {}):
+        print(line)
+    print(f"{'dedup, pixel hash off':28}{'influence':>12}{'embedding':>12}")
     rows = [
         ("exact copies found", "exact_found", "exact_planted"),
         ("near-copies found", "near_found", "near_planted"),

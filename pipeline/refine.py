@@ -63,16 +63,12 @@ class Refiner:
         ):
             wanted[shard][key] = row
             self.cache[row] = None
-        images, keys, order = [], [], []
-        for shard, by_key in wanted.items():
-            for key, tensor in self._read(shard, list(by_key)).items():
-                images.append(tensor)
-                keys.append(key)
-                order.append(by_key[key])
-        if images:
-            w = self.embed_images(torch.stack(images), keys)
-            for row, vector in zip(order, w, strict=True):
-                self.cache[row] = vector
+        for shard, by_key in wanted.items():  # one shard's images in memory at a time
+            found = self._read(shard, list(by_key))
+            if found:
+                w = self.embed_images(torch.stack(list(found.values())), list(found))
+                for key, vector in zip(found, w, strict=True):
+                    self.cache[by_key[key]] = vector
         missing = sum(self.cache[r] is None for r in rows)
         if missing:
             log.warning("refine: %d of %d examples could not be read back", missing, len(rows))

@@ -38,6 +38,8 @@ from matplotlib.ticker import NullFormatter
 from pipeline.data.lookup import fit_image, placeholder, png_bytes, shard_thumbnails
 from pipeline.index.layout import DEDUP_DIR, GROUPS_DIR, QUERY_DIR, RANK, REPORT_DIR
 from pipeline.index.reader import Index
+from pipeline.influence.reliability import CONSEQUENCE as RELIABILITY_CONSEQUENCE
+from pipeline.influence.reliability import LABELS as RELIABILITY_LABELS
 from pipeline.storage import Storage, open_storage, read_uri, safe_name
 
 log = logging.getLogger(__name__)
@@ -229,6 +231,7 @@ margin:0 auto 2px}.tile .key{font-family:monospace;overflow-wrap:anywhere}
 .kept{border:2px solid #1a7f37;background:#eefbf0}.query{border:2px solid #0969da}
 .missing{background:#fff4f4}.why{color:#b00}.row{display:flex;gap:1em;align-items:flex-start}
 .label{font-weight:600;margin:.4em 0 .1em}.dupgroup{border-left:3px solid #ccc;padding-left:.6em}
+.warning{color:#9a3412;background:#fff7ed;border:1px solid #fdba74;padding:.4em .6em}
 img.plot{max-width:100%}
 """
 
@@ -309,9 +312,39 @@ def summary_section(index: Index, page: Page) -> list[Section]:
     rows = [(k, v) for k, v in rows if v not in (None, "")]  # e.g. no checkpoint hash
     build = _build_rows(stats)
     content = "<h3>Index</h3>" + kv_table(rows)
+    content += _reliability_block(manifest.get("reliability") or {})
     if build:
         content += "<h3>Build</h3>" + kv_table(build)
     return [Section("summary", "Summary", lambda: _wrap("summary", "Summary", content))]
+
+
+def _reliability_block(figures: dict) -> str:
+    """How reproducible w is (two independent view sets), with a warning below target."""
+    if not figures:
+        return (
+            "<h3>Reliability</h3><p>Not recorded (fitted by an older version, or with "
+            "fit.reliability_sample=0).</p>"
+        )
+    targets = figures.get("targets") or {}
+    rows = [
+        ("views per example (V)", figures.get("views")),
+        ("sample", figures.get("sample")),
+    ]
+    for name, label in RELIABILITY_LABELS.items():
+        rows.append((f"{label} (target {targets.get(name, '?')})", figures.get(name)))
+    projections = sorted((figures.get("projected") or {}).items(), key=lambda kv: int(kv[0]))
+    for views, projected in projections:
+        rows.append((f"projected at V = {views}: median cos", projected.get("median_cos")))
+    html = "<h3>Reliability</h3>" + kv_table(rows)
+    below = figures.get("below_targets") or []
+    if below:
+        html += "".join(
+            f'<p class="warning">Below target: {esc(RELIABILITY_LABELS.get(name, name))} '
+            f"({esc(RELIABILITY_CONSEQUENCE.get(name, ''))}). Raise influence.loss.num_views, "
+            "or refine queries and dedup (refine=).</p>"
+            for name in below
+        )
+    return html
 
 
 def _build_rows(stats: dict) -> list[tuple[str, Any]]:

@@ -159,7 +159,7 @@ def test_outputs_are_written_with_a_summary(index_uri, capsys):
 
 
 def test_similarity_is_the_cosine_to_the_kept_member(index_uri, capsys):
-    table = run(index_uri, capsys, mode="influence", tau=0.4)
+    table = run(index_uri, capsys, mode="influence", tau=0.4, refine=0)
     index = Index(index_uri)
     u = l2_normalize(index.vectors())
     row = {k: i for i, k in enumerate(index.table(["key"]).column("key").to_pylist())}
@@ -225,4 +225,34 @@ def test_clear_errors(index_uri, tmp_path, corpus):
         run(bare, mode="embedding", exact=False)
     with pytest.raises(ValueError, match="pixel_hash"):
         run(bare, mode="influence", exact=True)
-    run(bare, mode="influence", exact=False)  # w alone is enough
+    run(bare, mode="influence", exact=False, refine=0)  # w alone is enough (stored w only)
+
+
+def test_refined_edges_are_judged_by_the_refined_vectors():
+    from pipeline.dedup import refined_edges
+
+    rng = np.random.default_rng(0)
+    base = l2_normalize(rng.normal(size=(40, 24)).astype(np.float32))
+    stored = base.copy()
+    # Pair (0, 1): stored cos ~0.6 (noisy), refined identical -> joined after refinement.
+    noise = l2_normalize(rng.normal(size=(1, 24)).astype(np.float32))[0]
+    stored[1] = l2_normalize((0.6 * base[0] + 0.8 * noise)[None])[0]
+    refined = base.copy()
+    refined[1] = base[0]
+    # Pair (2, 3): stored identical, refined unrelated -> not joined.
+    stored[3] = stored[2]
+    refined[3] = l2_normalize(rng.normal(size=(1, 24)).astype(np.float32))[0]
+    asked = []
+
+    def refine_rows(rows):
+        asked.extend(rows.tolist())
+        return refined[rows], np.ones(len(rows), dtype=bool)
+
+    config = DedupConfig(index="unused", tau=0.9, refine=64, refine_floor=0.5, k=4)
+    i, j, sims = refined_edges(stored.copy(), config, refine_rows)
+    pairs = {tuple(sorted(p)) for p in zip(i.tolist(), j.tolist(), strict=True)}
+    assert (0, 1) in pairs and (2, 3) not in pairs
+    assert {0, 1, 2, 3} <= set(asked) and len(asked) == len(set(asked))
+    assert (sims >= 0.9).all()
+    with pytest.raises(ValueError, match="influence only"):
+        run_dedup(DedupConfig(index="unused", mode="embedding", refine=8))

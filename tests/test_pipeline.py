@@ -366,6 +366,31 @@ def test_query_by_key_finds_the_example_itself_first(built, tmp_path):
         run_query(QueryConfig(index=str(output), keys=["no-such-key"]))
 
 
+def test_query_refine_reembeds_candidates_read_back_from_their_shards(built, digits):
+    from pipeline.query import QueryConfig, run_query
+
+    config, _, output, _ = built
+    query = QueryConfig(index=str(output), keys=["d0007"], top=4, save=False)
+    refined = run_query(dataclasses.replace(query, refine=16, refine_candidates=12))
+    assert refined.column("refined").to_pylist() == [True] * 8
+    proponents = [r for r in refined.to_pylist() if r["direction"] == "proponent"]
+    assert proponents[0]["key"] == "d0007"
+    assert proponents[0]["normalized_influence"] == pytest.approx(1.0, abs=1e-5)
+    # The refined scores are those of w with 16 views, computed here in memory.
+    engine = InfluenceSSL(build_encoder(config.influence.model), config.influence)
+    engine.load_factors_bytes(open_storage(str(output)).read_bytes(FACTORS)).use_views(16)
+    keys = [r["key"] for r in proponents]
+    images = torch.stack([decode_image(png_bytes(digits[int(k[1:])]), 28, 1) for k in keys])
+    w = engine.embed(images, keys=keys).double()
+    expected = (w @ w[0]).numpy()
+    got = np.array([r["influence"] for r in proponents])
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * abs(expected).max())
+    cosines = [r["normalized_influence"] for r in proponents]
+    assert cosines == sorted(cosines, reverse=True)
+    plain = run_query(query)
+    assert plain.column("refined").to_pylist() == [False] * 8
+
+
 def test_query_by_image_file_computes_w_with_the_manifest_settings(built, digits, tmp_path):
     from pipeline.index.manifest import FORMAT
     from pipeline.query import QueryConfig, run_query

@@ -75,3 +75,15 @@ def test_shapes_are_checked() -> None:
     with pytest.raises(ValueError, match="two"):
         measure(torch.zeros(3, 4), torch.zeros(3, 5), views=4)
     assert describe({}) == []
+
+
+def test_the_report_shows_reliability_and_warns_below_target() -> None:
+    from pipeline.report import _reliability_block
+
+    a, b = noisy_pair(100, 50, noise=1.0)
+    low = _reliability_block(measure(a, b, views=8))
+    assert "Reliability" in low and "median cos(w) of the same example" in low
+    assert "Below target" in low and "projected at V = 32" in low
+    high = _reliability_block(measure(a, a.clone(), views=8))
+    assert "Below target" not in high
+    assert "Not recorded" in _reliability_block({})

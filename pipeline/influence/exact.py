@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from pipeline.config import CurvatureConfig
 from pipeline.influence.loss import consistency_loss
 
 
@@ -50,14 +51,20 @@ def exact_gradients(
 
 
 def damped_inverse_scores(
-    train: torch.Tensor, query: torch.Tensor, damping_factor: float = 0.1, spanned: bool = True
+    train: torch.Tensor,
+    query: torch.Tensor,
+    damping_factor: float | None = None,
+    spanned: bool = True,
 ) -> torch.Tensor:
     """Exact `g_q^T (F + lambda I)^-1 g_t` with F = E[g g^T] over `train` [N, P] (float64).
 
     lambda = damping_factor * trace(F) / min(N, P), the mean eigenvalue over the directions
-    N examples can span: the default ("spanned") damping of the curvature options (with
-    `spanned=False`, trace(F) / P, their "relative" damping). Returns [Q, N].
+    N examples can span: the default ("spanned") damping of the curvature options, with
+    their default factor unless given (with `spanned=False`, trace(F) / P, their "relative"
+    damping). Returns [Q, N].
     """
+    if damping_factor is None:
+        damping_factor = CurvatureConfig().damping
     train, query = train.to(torch.float64), query.to(torch.float64)
     fisher = train.T @ train / train.shape[0]
     span = min(train.shape[0], fisher.shape[0]) if spanned else fisher.shape[0]

@@ -25,6 +25,16 @@ import torch
 # The figures an index should reach (issue targets); below them, answers change with the
 # view draw and `build` warns.
 TARGETS = {"median_cos": 0.6, "self_influence_spearman": 0.95, "top10_overlap": 0.6}
+LABELS = {
+    "median_cos": "median cos(w) of the same example",
+    "self_influence_spearman": "self-influence Spearman",
+    "top10_overlap": "top-10 proponents shared",
+}
+CONSEQUENCE = {
+    "median_cos": "pairwise answers, proponents and duplicates, change with the view draw",
+    "self_influence_spearman": "the self-influence ranking changes with the view draw",
+    "top10_overlap": "a query's top proponents change with the view draw",
+}
 # Figures the Spearman-Brown projection applies to (correlation-like, in [0, 1]).
 PROJECTED = ("median_cos", "self_influence_spearman")
 
@@ -122,19 +132,17 @@ def describe(figures: dict) -> list[str]:
         f"{figures['self_influence_spearman']:.3f}, top-10 proponents shared "
         f"{figures['top10_overlap']:.2f}"
     ]
-    projected = ", ".join(
-        f"V = {views}: cos {p['median_cos']:.2f}" for views, p in figures["projected"].items()
+    projected = "; ".join(
+        f"V = {views}: cos {p['median_cos']:.2f}, self-influence {p['self_influence_spearman']:.2f}"
+        for views, p in sorted(figures["projected"].items(), key=lambda item: int(item[0]))
     )
     lines.append(f"  projected (Spearman-Brown): {projected}")
-    below = figures["below_targets"]
-    if below:
-        needed = figures["views_for_targets"].get("median_cos")
-        hint = (
-            f"; about V = {needed} views would reach cos {TARGETS['median_cos']}" if needed else ""
-        )
+    for name in figures["below_targets"]:
+        needed = figures["views_for_targets"].get(name)
+        reach = f"; about V = {needed} views would reach it" if needed else ""
         lines.append(
-            f"  WARNING: below target on {', '.join(below)} "
-            f"({', '.join(f'{n} >= {TARGETS[n]}' for n in below)}): pairwise answers change "
-            f"with the view draw{hint}; raise influence.loss.num_views or use refine="
+            f"  WARNING: {LABELS[name]} {figures[name]:.3f} is below the target {TARGETS[name]}"
+            f" ({CONSEQUENCE[name]}){reach}: raise influence.loss.num_views, or refine "
+            "queries and dedup (refine=)"
         )
     return lines
