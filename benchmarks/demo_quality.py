@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.dedup import DedupConfig, dedup_table, read_inputs
-from pipeline.demo import DemoConfig, load_digits, make_corpus
+from pipeline.demo import DemoConfig, copies_found, load_digits, make_corpus
 from pipeline.index.parts import vectors
 from pipeline.index.reader import Index
 from pipeline.refine import Refiner
@@ -40,22 +40,6 @@ TAUS = {
     "influence": (0.5, 0.6, 0.7, 0.8, 0.85, 0.9),
     "influence, refined": (0.6, 0.7, 0.8, 0.85, 0.9, 0.95),
 }
-
-
-def score(table, truth: dict[str, str], kinds: dict[str, str]) -> dict:
-    rows = table.to_pylist()
-    group = {r["key"]: r["group"] for r in rows}
-    found = {
-        kind: sum(
-            1
-            for key, original in truth.items()
-            if kinds[key] == kind and group[key] >= 0 and group[key] == group[original]
-        )
-        for kind in ("exact_copy", "near_copy")
-    }
-    planted = set(truth) | set(truth.values())
-    removed = [r["key"] for r in rows if not r["kept"]]
-    return {**found, "removed": len(removed), "false": sum(k not in planted for k in removed)}
 
 
 def top_proponent_of_copies(w: np.ndarray, keys: list[str], truth, kinds) -> float:
@@ -141,10 +125,10 @@ def main() -> None:
             refine = args.refine if "refined" in mode else 0  # explicit: stored w or refined
             config = dataclasses.replace(base, tau=tau, refine=refine)
             result = dedup_table(table, x, config, refiner.rows if refine else None)
-            s = score(result, truth, kinds)
+            s = copies_found(result, truth, kinds)
             lines.append(
-                f"| {mode} | {tau} | {s['exact_copy']} | {s['near_copy']} | {s['removed']} | "
-                f"{s['false']} |"
+                f"| {mode} | {tau} | {s['exact_found']} | {s['near_found']} | {s['removed']} | "
+                f"{s['removed_not_planted']} |"
             )
             print(lines[-1], flush=True)
     top = top_proponent_of_copies(w_table[0], w_table[1], truth, kinds)

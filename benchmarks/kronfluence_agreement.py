@@ -92,7 +92,8 @@ def engine_config(num_pairs: int, kind: str = "ekfac") -> InfluenceConfig:
         augment=AugmentConfig(size=24),
         loss=LossConfig(num_views=2 * num_pairs, estimator="pairs", kind=LOSS_KIND, seed=1),
         projection=ProjectionConfig(enabled=False),
-        curvature=CurvatureConfig(kind=kind, damping=DAMPING),
+        # kronfluence's rule: 0.1 x mean over all of a layer's eigenvalues ("relative").
+        curvature=CurvatureConfig(kind=kind, damping=DAMPING, damping_mode="relative"),
         batch_size=BATCH,
         device="cpu",
     )

@@ -220,7 +220,7 @@ def main() -> None:
             f"{args.cost_sample} examples, median of 3):\n\n{costs}\n"
         )
     command = "OMP_NUM_THREADS=2 python benchmarks/view_reliability.py " + " ".join(
-        f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
         if k not in ("out", "rows") and v is not None
     )

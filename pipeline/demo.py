@@ -294,8 +294,13 @@ def embedding_outliers(index: str, count: int, neighbours: int = 10) -> list[str
 def duplicates_found(index: str, mode: str, truth: dict[str, str], kinds: dict) -> dict:
     """Planted copies whose group also holds their original, and the removals that are not
     planted copies (false positives)."""
-    table = pq.read_table(Path(index) / "dedup" / f"{mode}.parquet").to_pylist()
-    group = {row["key"]: row["group"] for row in table}
+    return copies_found(pq.read_table(Path(index) / "dedup" / f"{mode}.parquet"), truth, kinds)
+
+
+def copies_found(table, truth: dict[str, str], kinds: dict) -> dict:
+    """`duplicates_found` on a keep/remove table in memory."""
+    rows = table.to_pylist()
+    group = {row["key"]: row["group"] for row in rows}
     found = {
         kind: sum(
             1
@@ -304,7 +309,7 @@ def duplicates_found(index: str, mode: str, truth: dict[str, str], kinds: dict) 
         )
         for kind in ("exact_copy", "near_copy")
     }
-    removed = [row["key"] for row in table if not row["kept"]]
+    removed = [row["key"] for row in rows if not row["kept"]]
     planted = set(truth) | set(truth.values())
     return {
         "exact_found": found["exact_copy"],

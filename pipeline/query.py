@@ -95,6 +95,7 @@ def run_query(config: QueryConfig) -> pa.Table:
             tables.append(refined_hits(refined, queries, direction, found, config))
     results = pa.concat_tables(tables)
     print_results(results, queries.names)
+    hint_refine(index, config)
     if config.save:
         print(f"kept for `report`: {index.write_table(RESULTS, results)}")
     if config.out:
@@ -312,6 +313,22 @@ def hits_table(
 
 
 # -- output ----------------------------------------------------------------------------------
+
+
+def hint_refine(index: Index, config: QueryConfig) -> None:
+    """Say so when the index's own w is below the reliability target and nothing was refined."""
+    figures = index.manifest.get("reliability") or {}
+    if (
+        config.refine
+        or "median_cos" not in figures
+        or "median_cos" not in figures.get("below_targets", [])
+    ):
+        return
+    print(
+        f"\nnote: this index's w reproduces only partly across view draws (median cos "
+        f"{figures['median_cos']:.2f} at V = {figures['views']}); --set refine=128 re-ranks "
+        "the candidates with w of 128 views (their images read back from the shards)"
+    )
 
 
 def print_results(results: pa.Table, names: list[str]) -> None:
