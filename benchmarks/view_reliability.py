@@ -63,6 +63,7 @@ ROWS = [
     Row("all pairs, common views, damping 1.0", 8),
     Row("all pairs, common views, damping 1.0", 32),
     Row("refined: factors at V = 16, w with 64 views", 16, embed_views=64),
+    Row("refined: factors at V = 16, w with 128 views", 16, embed_views=128),
 ]
 
 
