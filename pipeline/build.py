@@ -51,20 +51,25 @@ def build_under_lease(driver: Driver, config: PipelineConfig) -> dict:
     progress = Progress("build", len(todo))
     failures: list[dict] = []
     restarts = 0
+    fresh: dict[str, dict] = {}  # this run's markers, as the workers returned them
+
+    def collect(task: Task, marker: dict) -> None:
+        fresh[task.label] = shard_entry(marker)
+        progress.update(marker["examples"])
+
     if todo:
         connect(config.runtime)
         pool = WorkerPool(config)
         try:
-            pool.broadcast("load_factors")
-            outcome = pool.run(
-                [Task("build_shard", (url,), url) for url in todo],
-                lambda task, marker: progress.update(marker["examples"]),
-            )
+            # Read once here, put into the object store once, loaded by every worker at once.
+            pool.broadcast("load_factors", driver.output.read_bytes(FACTORS))
+            outcome = pool.run([Task("build_shard", (url,), url) for url in todo], collect)
         finally:
             pool.shutdown()
         failures = [{"shard": task.label, "error": error} for task, error in outcome.failures]
         restarts = outcome.restarts
-    summary = summarise(driver.output, shards, failures, progress.rate if todo else 0.0)
+    known = known_entries(driver.output, manifest, shards, listed, fresh)
+    summary = summarise(shards, known, failures, progress.rate if todo else 0.0)
     summary["worker_restarts_this_run"] = restarts
     summary["reliability"] = manifest.get("reliability") or {}
     manifest["shards"] = summary.pop("shards")
@@ -84,33 +89,56 @@ def is_done(shard: str, listed: set[str]) -> bool:
     return marker_path(shard) in listed and retry_path(shard) not in listed
 
 
-def summarise(storage, shards: list[str], failures: list[dict], rate: float) -> dict:
-    """Merged statistics over every finished shard's marker; failures and missing listed."""
+def shard_entry(marker: dict) -> dict:
+    """A shard's line in the manifest, from its marker: where its part is, what it read."""
+    digest = marker["read"].get("shards", {}).get(marker["shard"], {})
+    return {
+        "url": marker["shard"],
+        "id": marker["shard_id"],
+        "examples": marker["examples"],
+        "part": marker["part"],
+        "part_sha256": marker["part_sha256"],
+        "shard_sha256": digest.get("sha256"),
+        "shard_bytes": digest.get("size"),
+        "shard_complete": digest.get("complete"),
+        "read": totals(ReadStats.from_dict(marker["read"])),
+        "seconds": marker["seconds"],
+    }
+
+
+def known_entries(storage, manifest: dict, shards: list[str], listed: set, fresh: dict) -> dict:
+    """Every finished shard's entry: this run's from the results in hand, earlier runs' from
+    the manifest; markers are read only for shards done but not yet in the manifest (a run
+    that stopped before writing it) or written by an older version without read counts."""
+    known = {
+        e["url"]: e
+        for e in manifest.get("shards", [])
+        if "read" in e and is_done(shard_id(e["url"]), listed)
+    }
+    known.update(fresh)
+    unknown = [u for u in shards if u not in known and marker_path(shard_id(u)) in listed]
+    # Independent small GETs: overlap them.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        markers = list(pool.map(lambda url: read_marker(storage, shard_id(url)), unknown))
+    for marker in markers:
+        if marker is not None:
+            known[marker["shard"]] = shard_entry(marker)
+    return known
+
+
+def summarise(shards: list[str], known: dict, failures: list[dict], rate: float) -> dict:
+    """Merged statistics over every finished shard (linear in the shards); failures and
+    missing listed."""
     read, entries, missing = ReadStats(), [], []
     seconds = 0.0
-    # Marker reads are independent small GETs: overlap them (40k shards at ~20 ms each would
-    # otherwise keep the driver busy for minutes).
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        markers = list(pool.map(lambda url: read_marker(storage, shard_id(url)), shards))
-    for url, marker in zip(shards, markers, strict=True):
-        if marker is None:
+    for url in shards:
+        entry = known.get(url)
+        if entry is None:
             missing.append(url)
             continue
-        read = read + ReadStats.from_dict(marker["read"])
-        digest = marker["read"].get("shards", {}).get(url, {})
-        seconds += marker["seconds"]
-        entries.append(
-            {
-                "url": url,
-                "id": marker["shard_id"],
-                "examples": marker["examples"],
-                "part": marker["part"],
-                "part_sha256": marker["part_sha256"],
-                "shard_sha256": digest.get("sha256"),
-                "shard_bytes": digest.get("size"),
-                "shard_complete": digest.get("complete"),
-            }
-        )
+        read += ReadStats.from_dict(entry["read"])
+        seconds += entry["seconds"]
+        entries.append(entry)
     examples = sum(e["examples"] for e in entries)
     return {
         "shards": entries,

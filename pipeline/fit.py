@@ -13,6 +13,8 @@ import hashlib
 import logging
 import random
 
+import ray
+
 from pipeline.config import FitConfig, PipelineConfig
 from pipeline.data import ReadStats, expand_shards
 from pipeline.index.layout import FACTORS, MANIFEST
@@ -31,6 +33,7 @@ from pipeline.influence.statistics import Statistics
 from pipeline.models import model_identity
 from pipeline.runtime.pool import Task, WorkerPool, connect
 from pipeline.runtime.progress import Progress
+from pipeline.runtime.reduce import Node, TreeReduce, block_level
 from pipeline.runtime.worker import build_model
 from pipeline.storage import open_storage, read_uri
 
@@ -143,68 +146,102 @@ def warn_if_short(examples: int, engine: InfluenceSSL) -> None:
 
 def fit_passes(engine: InfluenceSSL, pool: WorkerPool, sample: list[str]) -> dict:
     """Run every curvature pass of `engine` over `sample` on the pool."""
-    read, failed, examples = ReadStats(), set(), 0
+    read, failed, examples, nodes = ReadStats(), set(), 0, {}
     for pass_name in engine.curvature.passes:
         if engine.curvature.completed:
             state = {k: v.cpu() for k, v in engine.curvature.state_dict().items()}
             pool.broadcast("load_curvature", state, list(engine.curvature.completed))
-        progress = Progress(f"fit/{pass_name}", len(sample))
-        merger = OrderedMerge(sample)
-
-        def collect(task: Task, result: dict, merger=merger, progress=progress) -> None:
-            merger.add(task.label, result)
-            progress.update(result["examples"])
-
-        tasks = [Task("accumulate", (pass_name, url), url) for url in sample]
-        outcome = pool.run(tasks, collect)
-        failed |= {task.label for task, _ in outcome.failures}
-        merger.skip(failed)
-        if not merger.shards:
-            raise RuntimeError(f"fit pass {pass_name!r}: every shard failed: {outcome.failures}")
-        engine.complete_pass(pass_name, merger.total)
+        reduced = TreePass(pass_name, sample, len(pool.actors), pool.runtime.max_retries)
+        outcome = pool.run(reduced.tasks(), reduced.collect, reduced.split)
+        failed |= set(reduced.failed)
+        total = reduced.total()
+        if total is None:
+            errors = outcome.failures or list(reduced.failed.items())
+            raise RuntimeError(f"fit pass {pass_name!r}: no shard could be summed: {errors}")
+        engine.complete_pass(pass_name, total)
         if pass_name == engine.curvature.passes[0]:
-            examples, read = merger.examples, merger.read
+            examples, read, nodes = reduced.examples, reduced.read, reduced.nodes
     return {
         "shards": [u for u in sample if u not in failed],
         "failed_shards": sorted(failed),
         "examples": examples,
         "read": totals(read),
+        "nodes": nodes,
     }
 
 
-class OrderedMerge:
-    """Merges per-shard partial statistics in corpus order as they arrive.
+class TreePass:
+    """One curvature pass as a fixed-tree reduce (pipeline.runtime.reduce) on the pool.
 
-    Summing in a fixed order makes the factors independent of the number of workers and of
-    which finished first; only results that arrive ahead of a slower predecessor are held.
+    Workers sum aligned blocks of shards and return one partial each; siblings are merged
+    by a worker as soon as both exist, and each partial is released once merged, so the
+    driver holds object references, never partials, until it fetches the root. A block that
+    fails is split into its halves (the tree, and so the sums, stay the same); a shard
+    that keeps failing is left out as an empty leaf.
     """
 
-    def __init__(self, order: list[str]) -> None:
-        self.order = list(order)
-        self.next = 0
-        self.waiting: dict[str, dict | None] = {}
-        self.total = Statistics()
-        self.read = ReadStats()
-        self.examples = 0
-        self.shards: list[str] = []
+    def __init__(self, pass_name: str, sample: list[str], workers: int, retries: int) -> None:
+        self.pass_name, self.sample, self.retries = pass_name, sample, retries
+        self.leaves = len(sample)
+        self.level = block_level(self.leaves, workers)
+        self.tree = TreeReduce(self.leaves)
+        self.progress = Progress(f"fit/{pass_name}", self.leaves)
+        self.read, self.examples = ReadStats(), 0
+        self.failed: dict[str, str] = {}  # shard -> its last error
+        self.nodes: dict[str, int] = {}  # cluster node -> shards it summed
 
-    def add(self, shard: str, result: dict | None) -> None:
-        self.waiting[shard] = result
-        while self.next < len(self.order) and self.order[self.next] in self.waiting:
-            current = self.order[self.next]
-            ready = self.waiting.pop(current)
-            if ready is not None:
-                self.total.merge(Statistics.from_tensors(ready["stats"]))
-                self.read = self.read + ReadStats.from_dict(ready["read"])
-                self.examples += ready["examples"]
-                self.shards.append(current)
-            self.next += 1
+    def tasks(self) -> list[Task]:
+        root = Node(self.tree.top, 0)
+        return [self.block_task(b) for b in root.blocks(self.level, self.leaves)]
 
-    def skip(self, shards: set[str]) -> None:
-        """Shards that failed: nothing will arrive for them."""
-        for shard in shards:
-            if shard not in self.waiting and shard in self.order[self.next :]:
-                self.add(shard, None)
+    def block_task(self, block: Node, attempts: int = 0) -> Task:
+        urls = self.sample[block.first : block.end(self.leaves)]
+        label = urls[0] if len(urls) == 1 else f"shards {block.first}..{block.end(self.leaves) - 1}"
+        args = (self.pass_name, urls, (block.level, block.index), self.leaves)
+        return Task("accumulate_block", args, label, attempts, returns=2, context=block)
+
+    def collect(self, task: Task, result: tuple[dict, ray.ObjectRef]) -> list[Task]:
+        counts, partial = result
+        if task.method == "accumulate_block":
+            self.read += ReadStats.from_dict(counts["read"])
+            self.examples += counts["examples"]
+            self.progress.update(counts["examples"], done=counts["shards"])
+            node = counts.get("node") or "local"
+            self.nodes[node] = self.nodes.get(node, 0) + counts["shards"]
+        return self.offer(task.context, partial)
+
+    def offer(self, node: Node, partial) -> list[Task]:
+        pending = self.tree.add(node, partial)
+        if pending is None:
+            return []
+        # The merge task holds its inputs until it runs; the tree has dropped its own refs.
+        args = (pending.left, pending.right)
+        return [Task("merge", args, f"merge {pending.node}", returns=2, context=pending.node)]
+
+    def split(self, task: Task, error: Exception) -> list[Task] | None:
+        node: Node = task.context
+        if task.method == "merge":
+            # An input may be lost with its node: recompute the subtree's blocks.
+            if task.attempts >= self.retries:
+                return None
+            self.tree.forget(node)
+            blocks = node.blocks(self.level, self.leaves)
+            return [self.block_task(b, task.attempts + 1) for b in blocks]
+        if node.level == 0:
+            if task.attempts < self.retries:
+                return [self.block_task(node, task.attempts + 1)]
+            url = self.sample[node.first]
+            log.error("giving up on %s after %d attempts: %s", url, task.attempts + 1, error)
+            self.failed[url] = str(error).strip().splitlines()[-1] if str(error) else repr(error)
+            return self.offer(node, None)  # an empty leaf: its siblings go on up the tree
+        left, right = node.children()
+        return [self.block_task(n, task.attempts) for n in (left, right) if n.first < self.leaves]
+
+    def total(self) -> Statistics | None:
+        """The root's statistics; None when nothing was summed."""
+        if not self.tree.done or self.tree.root is None:
+            return None
+        return Statistics.from_tensors(ray.get(self.tree.root))
 
 
 def totals(read: ReadStats) -> dict:

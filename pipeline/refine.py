@@ -4,8 +4,10 @@ The index's w uses V views; a query's top candidates or dedup's candidate pairs 
 they can afford far more. Their images are read back from their source shards by key (the
 index stores no pixels), decoded as `build` decoded them, and embedded with the manifest's
 model, projection and factors under `views` views (views 0..V-1 are the index's own, the rest
-continue the same stream), which estimates the same w with less noise. An example whose
-shard or image can no longer be read keeps its stored w and is reported as not refined.
+continue the same stream), which estimates the same w with less noise. Where the parts record
+each example's byte span in its shard, an example costs one ranged read, not a shard scan.
+An example whose shard or image can no longer be read keeps its stored w and is reported as
+not refined.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import logging
 from collections import defaultdict
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline.data import ImageError, decode_image
-from pipeline.data.lookup import scan_shard
+from pipeline.data.lookup import SPAN_COLUMNS, Span, scan_shard, spans_by_shard
 from pipeline.index.reader import Index
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ class Refiner:
         self.side = config.input.side or config.influence.augment.size
         self.channels = config.influence.model.in_channels
         self.max_pixels = config.input.max_pixels
+        self.spanned = set(SPAN_COLUMNS) <= index.columns()  # older indices: scan shards
         self.cache: dict[int, np.ndarray | None] = {}
 
     def embed_images(self, images: torch.Tensor, names: list[str]) -> np.ndarray:
@@ -56,7 +60,8 @@ class Refiner:
     def _fill(self, rows: list[int]) -> None:
         if not rows:
             return
-        table = self.index.take(np.array(rows, dtype=np.int64), ["key", "shard"])
+        table = self._locate(np.array(rows, dtype=np.int64))
+        spans = spans_by_shard(table)
         wanted: dict[str, dict[str, int]] = defaultdict(dict)
         for row, key, shard in zip(
             rows, table.column("key").to_pylist(), table.column("shard").to_pylist(), strict=True
@@ -64,7 +69,7 @@ class Refiner:
             wanted[shard][key] = row
             self.cache[row] = None
         for shard, by_key in wanted.items():  # one shard's images in memory at a time
-            found = self._read(shard, list(by_key))
+            found = self._read(shard, list(by_key), spans.get(shard))
             if found:
                 w = self.embed_images(torch.stack(list(found.values())), list(found))
                 for key, vector in zip(found, w, strict=True):
@@ -73,9 +78,20 @@ class Refiner:
         if missing:
             log.warning("refine: %d of %d examples could not be read back", missing, len(rows))
 
-    def _read(self, shard: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    def _locate(self, rows: np.ndarray) -> pa.Table:
+        """key and shard of the rows, with their byte spans where the parts have them."""
+        if self.spanned:
+            try:
+                return self.index.take(rows, ["key", "shard", *SPAN_COLUMNS])
+            except (pa.ArrowInvalid, KeyError):  # a part written before spans were recorded
+                pass
+        return self.index.take(rows, ["key", "shard"])
+
+    def _read(
+        self, shard: str, keys: list[str], spans: dict[str, Span] | None = None
+    ) -> dict[str, torch.Tensor]:
         try:
-            found = scan_shard(shard, keys, self.max_pixels).images
+            found = scan_shard(shard, keys, self.max_pixels, spans).images
         except OSError as error:
             log.warning("refine: cannot read %s: %s", shard, error)
             return {}

@@ -10,7 +10,8 @@ exists: queries (`query/results.parquet`), self-influence (`rank/...`), duplicat
 (`dedup/<mode>.parquet`) and groups (`groups/<field>.{stats,matrix}.parquet`). A file that
 lacks a column its section needs is a clear error; a missing file just omits its section.
 Building is two-phase: sections read their data and declare the thumbnails they show, then
-every shard is streamed once for all of them, then the HTML is rendered. Every string from
+they are read back for all of them (one ranged read per example where the parts record its
+byte span, else each shard streamed once), then the HTML is rendered. Every string from
 the data (keys, shards, metadata, group names) is HTML-escaped.
 """
 
@@ -35,7 +36,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from pipeline.data.lookup import fit_image, placeholder, png_bytes, shard_thumbnails
+from pipeline.data.lookup import (
+    SPAN_COLUMNS,
+    Span,
+    fit_image,
+    placeholder,
+    png_bytes,
+    shard_thumbnails,
+    spans_by_shard,
+)
 from pipeline.index.layout import DEDUP_DIR, GROUPS_DIR, QUERY_DIR, RANK, REPORT_DIR
 from pipeline.index.reader import Index
 from pipeline.influence.reliability import CONSEQUENCE as RELIABILITY_CONSEQUENCE
@@ -77,7 +86,7 @@ def run_report(config: ReportConfig) -> str:
     page = Page(config)
     builders = (summary_section, query_section, rank_section, dedup_sections, group_sections)
     sections = [s for build in builders for s in build(index, page)]
-    page.fetch()
+    page.fetch(thumb_spans(index, page.thumbs, config.workers))
     body = "\n".join(section.html() for section in sections)
     page.publish(out, render_page(index.storage.uri, sections, body, page))
     url = out.url(PAGE)
@@ -122,10 +131,11 @@ class Page:
         self.files[path] = figure_png(figure)
         return path
 
-    def fetch(self) -> None:
-        """Stream each needed shard once; placeholders (and reasons) for what is unreadable."""
+    def fetch(self, spans: dict[str, dict[str, Span]] | None = None) -> None:
+        """Read the thumbnails back (by `spans` where known, else each shard streamed once);
+        placeholders (and reasons) for what is unreadable."""
         size, tile = self.config.thumb_size, placeholder(self.config.thumb_size)
-        images, missing = shard_thumbnails(self.thumbs, size, self.config.workers)
+        images, missing = shard_thumbnails(self.thumbs, size, self.config.workers, spans)
         for pair, name in self.thumbs.items():
             self.files[name] = images.get(pair, tile)
             if pair in missing:
@@ -158,6 +168,31 @@ class Page:
         with ThreadPoolExecutor(max(1, self.config.workers)) as pool:
             list(pool.map(lambda item: out.write_bytes(*item), self.files.items()))
         out.write_bytes(PAGE, page.encode("utf-8"))
+
+
+def thumb_spans(
+    index: Index, pairs: Iterable[tuple[str, str]], workers: int = 8
+) -> dict[str, dict[str, Span]]:
+    """shard -> key -> byte span of the (shard, key) pairs, from the parts of their shards
+    (key and span columns only); none for an index whose parts predate spans."""
+    if not set(SPAN_COLUMNS) <= index.columns():
+        return {}
+    parts = {entry["url"]: entry["part"] for entry in index.manifest["shards"]}
+    wanted: dict[str, set[str]] = {}
+    for shard, key in pairs:
+        if shard in parts:
+            wanted.setdefault(shard, set()).add(key)
+
+    def spans(shard: str) -> dict[str, Span]:
+        try:
+            table = index.read_part(parts[shard], ["key", "shard", *SPAN_COLUMNS])
+        except (pa.ArrowInvalid, KeyError):  # a part written before spans were recorded
+            return {}
+        found = spans_by_shard(table).get(shard, {})
+        return {key: found[key] for key in wanted[shard] if key in found}
+
+    with ThreadPoolExecutor(max(1, min(workers, len(wanted) or 1))) as pool:
+        return dict(zip(wanted, pool.map(spans, wanted), strict=True))
 
 
 def _digest(*parts: str) -> str:

@@ -59,6 +59,7 @@ __all__ = [
     "open_storage",
     "open_uri",
     "read_uri",
+    "read_uri_range",
     "safe_name",
     "split_uri",
 ]
@@ -179,6 +180,11 @@ class Storage(ABC):
         """The whole object; FileNotFoundError if missing."""
 
     @abstractmethod
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of the object (fewer only past its end, none at or
+        beyond it); FileNotFoundError if missing."""
+
+    @abstractmethod
     def write_bytes(self, path: str, data: bytes) -> None:
         """Publish ``data`` atomically: readers see the old object or the whole new one."""
 
@@ -249,6 +255,12 @@ class LocalStorage(Storage):
     def read_bytes(self, path: str) -> bytes:
         with open(self._path(path), "rb") as f:
             return f.read()
+
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        _check_range(offset, length)
+        with open(self._path(path), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         target = self._path(path)
@@ -342,6 +354,11 @@ class LocalStorage(Storage):
             else:
                 self.write_bytes(path, data)
             return True
+
+
+def _check_range(offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"invalid byte range: offset {offset}, length {length}")
 
 
 def _may_match(folder: str, prefix: str) -> bool:
@@ -660,6 +677,25 @@ class S3Storage(Storage):
 
         return self._call("read", self.url(path), get)
 
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        _check_range(offset, length)
+        key = self._key(path)
+        if length == 0:
+            return b""
+        span = f"bytes={offset}-{offset + length - 1}"
+
+        def get() -> bytes:  # body read inside the retried call, as in read_bytes
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=key, Range=span)
+            except ClientError as exc:
+                if _client_error_code(exc)[1] == 416:  # starts at or past the end
+                    return b""
+                raise
+            with response["Body"] as body:
+                return body.read()
+
+        return self._call("read_range", self.url(path), get)
+
     def write_bytes(self, path: str, data: bytes) -> None:
         key, uri = self._key(path), self.url(path)
         if not isinstance(data, bytes | bytearray):
@@ -910,6 +946,12 @@ def read_uri(uri: str | os.PathLike[str]) -> bytes:
     """The bytes of one object given by its full URI."""
     storage, name = split_uri(uri)
     return storage.read_bytes(name)
+
+
+def read_uri_range(uri: str | os.PathLike[str], offset: int, length: int) -> bytes:
+    """Bytes [offset, offset + length) of one object given by its full URI (one ranged GET)."""
+    storage, name = split_uri(uri)
+    return storage.read_range(name, offset, length)
 
 
 def open_uri(uri: str | os.PathLike[str]) -> BinaryIO:

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -476,3 +478,105 @@ def test_python_api_mirrors_the_verbs(built):
     assert ranked.num_rows == 240
     with pytest.raises(ValueError, match="unknown setting"):
         api.rank(str(output), topp=1)
+
+
+@pytest.fixture
+def second_node(ray_session, tmp_path):
+    """Another Ray node on this machine, joined with `ray start --address` (own ports and
+    resources), as a worker machine joins a cluster; stopped (and gone) after the test."""
+    import ray
+
+    from tests.conftest import free_port
+
+    before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    ports = {
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+    }
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    log = open(tmp_path / "ray-node.log", "wb")  # noqa: SIM115 (closed at teardown)
+    node = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--address",
+            # Ray rewrites a literal 127.0.0.1 to the machine's external address, where
+            # the head (bound to loopback) does not listen; the IPv4-mapped form is kept.
+            "[::ffff:127.0.0.1]:" + ray_session.address.rsplit(":", 1)[1],
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            "1",
+            "--resources",
+            '{"second_node": 1}',
+            "--temp-dir",  # short: Ray's socket paths must fit in 107 bytes
+            f"/tmp/issl-ray-node-{os.getpid()}",
+            "--disable-usage-stats",
+            *[str(part) for item in ports.items() for part in item],
+        ],
+        # Ray refuses to join a head at 127.0.0.1 unless told a one-machine cluster is meant.
+        env={**ray_session.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not ({n["NodeID"] for n in ray.nodes() if n["Alive"]} - before):
+            exited = node.poll() is not None
+            assert not exited, (tmp_path / "ray-node.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the second node did not join"
+            time.sleep(0.5)
+        (added,) = {n["NodeID"] for n in ray.nodes() if n["Alive"]} - before
+        yield added
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(f"/tmp/issl-ray-node-{os.getpid()}", ignore_errors=True)
+
+
+def test_fit_and_build_submitted_to_a_two_node_cluster(built, ray_session, second_node, tmp_path):
+    """`ray job submit` of fit and build onto a head plus a joined node: shards run on both,
+    and the index equals the one-node run's."""
+    import yaml
+
+    from pipeline.config import to_dict
+
+    config, _, output, _ = built
+    submitted = pipeline_config(
+        tmp_path / "two-nodes", config.input.shards, config.influence.model.checkpoint, workers=3
+    )
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(yaml.safe_dump(to_dict(submitted)))
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    submit = [ray_bin, "job", "submit", "--address", ray_session.dashboard, "--working-dir", repo]
+    for verb in ("fit", "build"):
+        result = subprocess.run(
+            [*submit, "--", sys.executable, "-m", f"jobs.{verb}", "--config", str(config_path)],
+            env=ray_session.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    storage = open_storage(str(tmp_path / "two-nodes"))
+    markers = [json.loads(storage.read_bytes(p)) for p in storage.list("markers/")]
+    build_nodes = {m["node"] for m in markers}
+    fit_nodes = set(json.loads(storage.read_bytes(MANIFEST))["factors"]["nodes"])
+    assert second_node in build_nodes and len(build_nodes) == 2, build_nodes
+    assert second_node in fit_nodes and len(fit_nodes) == 2, fit_nodes
+    _, expected = read_index(output)
+    _, table = read_index(tmp_path / "two-nodes")
+    assert table.column("key").to_pylist() == expected.column("key").to_pylist()
+    assert_same_vectors(table, expected)

@@ -26,6 +26,11 @@ def open_stream(uri: str) -> BinaryIO:
     return storage.open_uri(uri)
 
 
+def read_range(uri: str, offset: int, length: int) -> bytes:
+    """Bytes [offset, offset + length) of one shard (one ranged GET on S3)."""
+    return storage.read_uri_range(uri, offset, length)
+
+
 def list_remote(prefix: str) -> list[str]:
     """Full URIs of the objects under a remote prefix."""
     return list(storage.list_uri(prefix))

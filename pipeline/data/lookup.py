@@ -1,18 +1,22 @@
 """Read examples back from their shards by key: encoded images and PNG thumbnails.
 
-An index stores no pixels, only each example's key and source shard. To show an example (the
-`report`), its shard is streamed once through the same tar machinery as `read_shard` (stream
-mode, one member in memory at a time, damage ends the shard instead of raising) and the
-encoded bytes of the wanted keys are kept; the stream stops as soon as every wanted key was
-seen. `thumbnails` does this for a table of (key, shard) rows, shards in parallel, and never
-raises for bad input: a key that cannot be shown gets a placeholder tile and its reason.
+An index stores no pixels, only each example's key, source shard and (since parts carry
+`tar_offset` / `tar_size`) where its bytes sit in the shard. A key with such a span is read
+with one ranged read (near spans merged into one), parsed with the same tar machinery as
+`read_shard` and kept only if the key is found exactly where the span says. Any other key
+(an older index, a compressed shard, a shard changed since the build) is found by streaming
+its shard once (stream mode, one member in memory at a time, damage ends the shard instead of
+raising), stopping as soon as every wanted key was seen. `thumbnails` does this for a table
+of (key, shard) rows, shards in parallel, and never raises for bad input: a key that cannot
+be shown gets a placeholder tile and its reason.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable
+import tarfile
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -21,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from pipeline.data._io import open_stream
+from pipeline.data._io import open_stream, read_range
 from pipeline.data.webdataset import (
     _PIL_FORMATS,
     DEFAULT_MAX_PIXELS,
@@ -30,6 +34,7 @@ from pipeline.data.webdataset import (
     UndecodableImageError,
     _check_pixels,
     _convert,
+    _Group,
     _groups,
     _ShardState,
 )
@@ -44,6 +49,14 @@ UNDECODABLE = "undecodable_image"
 READ_ERROR = "read_error"  # the shard exists but could not be opened (denied, bad URL, ...)
 _PLACEHOLDER_GREY = 225
 _GREY_MODES = ("1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+# Part columns locating an example's bytes in its (uncompressed) shard.
+SPAN_COLUMNS = ("tar_offset", "tar_size")
+# Spans closer than this share one read: the gap costs less than another request's latency.
+COALESCE_GAP = 64 * 1024
+_MAX_RUN = 16 << 20  # ... but one read stays bounded in memory
+_END_OF_ARCHIVE = bytes(2 * tarfile.BLOCKSIZE)
+
+Span = tuple[int, int]  # (tar_offset, tar_size) of one example in its shard
 
 
 class _CountingReader:
@@ -66,21 +79,92 @@ class ShardScan:
     images: dict[str, bytes] = field(default_factory=dict)
     no_image: set[str] = field(default_factory=set)  # sample found, but no usable image member
     damage: str | None = None  # shard-level reason (truncated_shard, corrupt_tar, ...)
+    ranged_reads: int = 0  # ranged reads made, and the bytes they returned
+    ranged_bytes: int = 0
+    streamed: bool = False  # whether the shard had to be streamed
+
+    def keep(self, group: _Group) -> None:
+        ext = next((e for e in IMAGE_EXTENSIONS if e in group.members), None)
+        data = group.members[ext].data if ext is not None else None
+        if data is None:
+            self.no_image.add(group.key)
+        else:
+            self.images[group.key] = data
 
 
 def scan_shard(
-    shard_url: str, keys: Iterable[str], max_pixels: int = DEFAULT_MAX_PIXELS
+    shard_url: str,
+    keys: Iterable[str],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    spans: Mapping[str, Span] | None = None,
 ) -> ShardScan:
-    """Stream `shard_url` once, keeping the encoded image of each wanted key.
+    """The encoded image of each wanted key of `shard_url`.
 
-    Raises FileNotFoundError (or another OSError) only when the shard cannot be opened;
-    damage later in the stream ends the scan with `damage` set, keeping what was found.
-    The first sample of a key wins (as in `read_shard`, which skips later duplicates).
+    Keys with a span in `spans` are read by range; the rest, and any key not found at its
+    span, by streaming the shard once. Raises FileNotFoundError (or another OSError) only
+    when the shard cannot be read; damage later in the stream ends the scan with `damage`
+    set, keeping what was found. The first sample of a key wins (as in `read_shard`, which
+    skips later duplicates, and records the first one's span).
     """
     wanted = set(keys)
     scan = ShardScan()
-    if not wanted:
-        return scan
+    ranged = {k: spans[k] for k in wanted if spans and spans.get(k)}
+    if ranged:
+        _read_spans(shard_url, ranged, max_pixels, scan)
+        wanted -= scan.images.keys() | scan.no_image
+    if wanted:
+        _stream(shard_url, wanted, max_pixels, scan)
+    return scan
+
+
+def _read_spans(url: str, spans: dict[str, Span], max_pixels: int, scan: ShardScan) -> None:
+    """Ranged reads of the spans; a key is kept only when found at exactly its offset (a
+    shard rewritten since the build cannot pass another example off as it)."""
+    for start, end, keys in _runs(spans):
+        data = read_range(url, start, end - start)
+        scan.ranged_reads += 1
+        scan.ranged_bytes += len(data)
+        if len(data) != end - start:
+            continue  # shorter than when indexed: these keys are streamed instead
+        # The end-of-archive blocks make the range a complete tar: a clean end, no damage.
+        reader = _CountingReader(io.BytesIO(data + _END_OF_ARCHIVE))
+        for group in _groups(reader, _ShardState(), max_pixels):
+            if group.key in keys and start + (group.offset or 0) == spans[group.key][0]:
+                keys.discard(group.key)
+                scan.keep(group)
+
+
+def _runs(spans: dict[str, Span]) -> Iterator[tuple[int, int, set[str]]]:
+    """(start, end, keys) of reads covering the spans in offset order, near ones merged."""
+    run: tuple[int, int, set[str]] | None = None
+    for key, (offset, size) in sorted(spans.items(), key=lambda item: item[1]):
+        end = offset + size
+        if run and offset - run[1] <= COALESCE_GAP and max(end, run[1]) - run[0] <= _MAX_RUN:
+            run = (run[0], max(end, run[1]), run[2] | {key})
+            continue
+        if run:
+            yield run
+        run = (offset, end, {key})
+    if run:
+        yield run
+
+
+def spans_by_shard(table: pa.Table) -> dict[str, dict[str, Span]]:
+    """shard -> key -> span of the rows of a table with key, shard, tar_offset and tar_size
+    (rows without a span, and tables without the columns, give none)."""
+    if not {"key", "shard", *SPAN_COLUMNS} <= set(table.column_names):
+        return {}
+    out: dict[str, dict[str, Span]] = {}
+    columns = [table.column(c).to_pylist() for c in ("shard", "key", *SPAN_COLUMNS)]
+    for shard, key, offset, size in zip(*columns, strict=True):
+        if offset is not None and size is not None:
+            out.setdefault(shard, {}).setdefault(key, (int(offset), int(size)))
+    return out
+
+
+def _stream(shard_url: str, wanted: set[str], max_pixels: int, scan: ShardScan) -> None:
+    """Stream the shard once (until every wanted key was met), keeping what was wanted."""
+    scan.streamed = True
     raw = open_stream(shard_url)
     state = _ShardState()
     try:
@@ -90,12 +174,7 @@ def scan_shard(
                 if group.key not in wanted:
                     continue
                 wanted.discard(group.key)
-                ext = next((e for e in IMAGE_EXTENSIONS if e in group.members), None)
-                data = group.members[ext].data if ext is not None else None
-                if data is None:
-                    scan.no_image.add(group.key)
-                else:
-                    scan.images[group.key] = data
+                scan.keep(group)
                 if not wanted:
                     break  # everything found: stop streaming the rest of the shard
         finally:
@@ -103,19 +182,21 @@ def scan_shard(
     finally:
         raw.close()
     scan.damage = state.reason
-    return scan
 
 
 def read_images(
-    shard_url: str, keys: Iterable[str], side: int | None = None
+    shard_url: str,
+    keys: Iterable[str],
+    side: int | None = None,
+    spans: Mapping[str, Span] | None = None,
 ) -> dict[str, Image.Image | bytes]:
     """Images of `keys` found in one shard (absent keys are simply not in the result).
 
     With `side=None` the encoded bytes as stored; otherwise a PIL image ("L" or "RGB")
     fitted into a `side` x `side` box (aspect kept). Raises FileNotFoundError for a missing
-    shard; an undecodable image is left out when `side` is given.
+    shard; an undecodable image is left out when `side` is given. `spans` as in scan_shard.
     """
-    found = scan_shard(shard_url, keys).images
+    found = scan_shard(shard_url, keys, spans=spans).images
     if side is None:
         return dict(found)
     out: dict[str, Image.Image | bytes] = {}
@@ -196,7 +277,8 @@ class ThumbnailSet(dict):
 
 def thumbnails(table: pa.Table, size: int, max_workers: int = 8) -> ThumbnailSet:
     """PNG thumbnails (fitted into `size` x `size`) of the rows of a table with `key` and
-    `shard` columns: each shard is streamed once, up to `max_workers` shards at a time.
+    `shard` columns: rows with `tar_offset` / `tar_size` are read by range, each other shard
+    is streamed once, up to `max_workers` shards at a time.
 
     Never raises for missing shards, missing keys or bad images: those get a placeholder
     tile and a reason in `.missing` (also logged).
@@ -205,7 +287,8 @@ def thumbnails(table: pa.Table, size: int, max_workers: int = 8) -> ThumbnailSet
         if name not in table.column_names:
             raise ValueError(f"thumbnails need a {name!r} column, got {table.column_names}")
     keys, shards = table.column("key").to_pylist(), table.column("shard").to_pylist()
-    images, missing = shard_thumbnails(zip(shards, keys, strict=True), size, max_workers)
+    pairs = zip(shards, keys, strict=True)
+    images, missing = shard_thumbnails(pairs, size, max_workers, spans_by_shard(table))
     result = ThumbnailSet()
     tile = placeholder(size)
     for (_, key), reason in missing.items():
@@ -216,12 +299,17 @@ def thumbnails(table: pa.Table, size: int, max_workers: int = 8) -> ThumbnailSet
 
 
 def shard_thumbnails(
-    pairs: Iterable[tuple[str, str]], size: int, max_workers: int = 8
+    pairs: Iterable[tuple[str, str]],
+    size: int,
+    max_workers: int = 8,
+    spans: Mapping[str, Mapping[str, Span]] | None = None,
 ) -> tuple[dict[tuple[str, str], bytes], dict[tuple[str, str], str]]:
     """Thumbnails of (shard, key) pairs: (PNG by pair, reason by pair that has none).
 
     Keyed by the pair, since a key is unique within its shard, not necessarily across shards.
+    `spans` (shard -> key -> span, see `spans_by_shard`) lets those keys be read by range.
     """
+    spans = spans or {}
     by_shard: dict[str, set[str]] = {}
     for shard, key in pairs:
         by_shard.setdefault(shard, set()).add(key)
@@ -231,7 +319,8 @@ def shard_thumbnails(
         return images, missing
     with ThreadPoolExecutor(max(1, min(max_workers, len(by_shard)))) as pool:
         jobs = {
-            shard: pool.submit(_one_shard, shard, keys, size) for shard, keys in by_shard.items()
+            shard: pool.submit(_one_shard, shard, keys, size, spans.get(shard))
+            for shard, keys in by_shard.items()
         }
         for shard, job in jobs.items():
             found, lost = job.result()
@@ -243,10 +332,12 @@ def shard_thumbnails(
     return images, missing
 
 
-def _one_shard(shard: str, keys: set[str], size: int) -> tuple[dict[str, bytes], dict[str, str]]:
+def _one_shard(
+    shard: str, keys: set[str], size: int, spans: Mapping[str, Span] | None = None
+) -> tuple[dict[str, bytes], dict[str, str]]:
     """(PNG by key, reason by missing key) of one shard; never raises."""
     try:
-        scan = scan_shard(shard, keys)
+        scan = scan_shard(shard, keys, spans=spans)
     except Exception as exc:  # a vanished shard, a denied read, a bad URL: the report goes on
         reason = MISSING_SHARD if isinstance(exc, FileNotFoundError) else READ_ERROR
         log.debug("cannot open %s: %s", shard, exc)

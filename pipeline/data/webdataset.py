@@ -84,6 +84,11 @@ class Sample:
     metadata: dict[str, Any]
     cls: int | None
     pixel_hash: str = ""  # of the full decoded pixels: equal only for exact duplicates
+    # Where the sample sits in an uncompressed tar (None for compressed shards): its first
+    # member's header and the bytes up to its last member's padded data end, so a ranged
+    # read of [tar_offset, tar_offset + tar_size) is a little tar of exactly its members.
+    tar_offset: int | None = None
+    tar_size: int | None = None
 
 
 @dataclass
@@ -119,16 +124,19 @@ class ReadStats:
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
-    def __add__(self, other: ReadStats) -> ReadStats:
-        skipped = dict(self.skipped)
+    def __iadd__(self, other: ReadStats) -> ReadStats:
+        """Merge in place: linear in `other`, however many shards this one holds."""
+        self.seen += other.seen
+        self.decoded += other.decoded
         for reason, count in other.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + count
-        return ReadStats(
-            seen=self.seen + other.seen,
-            decoded=self.decoded + other.decoded,
-            skipped=skipped,
-            shards={**self.shards, **other.shards},
-        )
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+        self.shards.update(other.shards)
+        return self
+
+    def __add__(self, other: ReadStats) -> ReadStats:
+        merged = ReadStats(self.seen, self.decoded, dict(self.skipped), dict(self.shards))
+        merged += other
+        return merged
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -311,6 +319,13 @@ class _Group:
     key: str
     members: dict[str, _Member] = field(default_factory=dict)
     extensions: set[str] = field(default_factory=set)
+    offset: int | None = None  # tar offset of the first member's header (plain tar only)
+    end: int = 0  # tar offset just past the last member's data blocks
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """(offset, size) of the sample's bytes in the tar, None when not addressable."""
+        return None if self.offset is None else (self.offset, self.end - self.offset)
 
 
 @dataclass
@@ -438,6 +453,8 @@ def _groups(reader: _HashingReader, state: _ShardState, max_pixels: int) -> Iter
         with tarfile.open(
             fileobj=reader, mode="r|*", tarinfo=_tarinfo_class(state), bufsize=_TAR_BUFSIZE
         ) as tf:
+            # Stream offsets are file offsets only without compression.
+            plain = getattr(tf.fileobj, "comptype", None) == "tar"
             while (info := tf.next()) is not None:
                 tf.members = []  # stream mode otherwise keeps every TarInfo of the shard
                 key, ext = _split_name(info.name) if info.isfile() else (None, "")
@@ -447,9 +464,12 @@ def _groups(reader: _HashingReader, state: _ShardState, max_pixels: int) -> Iter
                     yield group
                     group = None
                 if group is None:
-                    group = _Group(key)
+                    # info.offset is that of the member's first header (pax / GNU long
+                    # name headers included), so the span covers them too.
+                    group = _Group(key, offset=info.offset if plain else None)
                     state.groups += 1
                 group.extensions.add(ext)
+                group.end = info.offset_data + _blocks(info.size)
                 if limit := _member_limit(ext, max_pixels):
                     in_member = True
                     group.members[ext] = _Member(_read_member(tf, info, limit))
@@ -463,6 +483,11 @@ def _groups(reader: _HashingReader, state: _ShardState, max_pixels: int) -> Iter
             group = None
     if group is not None:
         yield group
+
+
+def _blocks(size: int) -> int:
+    """`size` rounded up to whole tar blocks (member data is padded to them)."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 def _split_name(name: str) -> tuple[str | None, str]:
@@ -532,6 +557,7 @@ class _Pending:
     metadata: dict[str, Any]
     cls: int | None
     image: Future
+    span: tuple[int, int] | None = None
 
 
 def _prepare(
@@ -556,7 +582,7 @@ def _prepare(
     if data is None:
         stats.skip("image_too_large")
         return None
-    return _Pending(group.key, metadata, cls, decode(data))
+    return _Pending(group.key, metadata, cls, decode(data), group.span)
 
 
 def _finish(pending: _Pending, state: _ShardState, stats: ReadStats) -> Sample | None:
@@ -568,7 +594,8 @@ def _finish(pending: _Pending, state: _ShardState, stats: ReadStats) -> Sample |
         return None
     stats.decoded += 1
     state.samples += 1
-    return Sample(pending.key, image, pending.metadata, pending.cls, digest)
+    offset, size = pending.span or (None, None)
+    return Sample(pending.key, image, pending.metadata, pending.cls, digest, offset, size)
 
 
 @contextmanager

@@ -26,9 +26,12 @@ def part_table(
     vector_dtype: str = "float32",
     pixel_hashes: list[str] | None = None,
     z: np.ndarray | None = None,
+    tar_spans: tuple[list[int | None], list[int | None]] | None = None,
 ) -> pa.Table:
     """Rows of one shard: key, shard, self_influence, loss, w (fixed-size list), cls, metadata,
-    and when given pixel_hash (of the decoded pixels) and z (unit representation, float16)."""
+    and when given pixel_hash (of the decoded pixels), z (unit representation, float16) and
+    tar_offset / tar_size (each example's byte span in its shard; null where the shard is
+    compressed), so an example is read back with one ranged read."""
     if vector_dtype not in VECTOR_DTYPES:
         raise ValueError(f"vector_dtype must be one of {sorted(VECTOR_DTYPES)}")
     np_type, pa_type = VECTOR_DTYPES[vector_dtype]
@@ -45,6 +48,9 @@ def part_table(
         columns["pixel_hash"] = pa.array(pixel_hashes, pa.string())
     if z is not None:
         columns["z"] = fixed_size_list(z, np.float16, pa.float16())
+    if tar_spans is not None:
+        columns["tar_offset"] = pa.array(tar_spans[0], pa.int64())
+        columns["tar_size"] = pa.array(tar_spans[1], pa.int64())
     return pa.table(columns)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError
 
 from pipeline.config import PipelineConfig, RuntimeConfig, to_dict
 from pipeline.runtime.worker import ShardWorker
@@ -58,17 +58,33 @@ def worker_resources(runtime: RuntimeConfig) -> tuple[int, dict[str, float]]:
     return count, {"num_cpus": runtime.cpus_per_worker, "num_gpus": gpus}
 
 
+class RayShardWorker(ShardWorker):
+    """ShardWorker as an actor: knows its Ray node, so markers say where a shard ran."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__(config)
+        self.node = ray.get_runtime_context().get_node_id()
+
+
 @dataclass
 class Task:
+    """One call on some worker. With `returns=2` the method returns (small, large): the
+    driver fetches the small part and gets the large one as an ObjectRef, left in the
+    object store for a later task to consume."""
+
     method: str
     args: tuple
     label: str
     attempts: int = 0
+    returns: int = 1
+    context: Any = None
 
 
 @dataclass
 class Outcome:
-    results: list[tuple[Task, Any]] = field(default_factory=list)
+    """What a run did; results go to `on_result` as they come and are not kept here."""
+
+    completed: int = 0
     failures: list[tuple[Task, str]] = field(default_factory=list)
     restarts: int = 0
 
@@ -80,8 +96,10 @@ class WorkerPool:
         count, self.resources = worker_resources(self.runtime)
         # Threaded actors: a queued shard starts decoding while the current one computes.
         concurrency = max(1, self.runtime.queue_depth)
-        self.actor_class = ray.remote(ShardWorker).options(
+        self.actor_class = ray.remote(RayShardWorker).options(
             max_restarts=0,
+            # One worker per GPU across the nodes: spread, not packed onto the first node.
+            scheduling_strategy="SPREAD",
             max_concurrency=concurrency,
             runtime_env={"env_vars": WORKER_ENV},
             **self.resources,
@@ -92,64 +110,98 @@ class WorkerPool:
 
     def _start(self):
         actor = self.actor_class.remote(to_dict(self.config))
+        # One at a time and waited for: a threaded actor would run them concurrently, and
+        # a shard must not start before its worker holds the current state.
         for method, args in self.setup_calls:
-            getattr(actor, method).remote(*args)
+            ray.get(getattr(actor, method).remote(*args))
         return actor
 
     def broadcast(self, method: str, *args: Any) -> None:
-        """Call `method` on every worker now, and on every worker started later.
+        """Call `method` on every worker at once, and on every worker started later.
 
-        A worker that dies meanwhile is replaced (the replacement gets every setup call).
+        Each argument is put into the object store once, so a large one (factors, curvature
+        state) is sent to the nodes once, not serialised per call. A worker that dies
+        meanwhile is replaced (the replacement gets every setup call).
         """
-        self.setup_calls.append((method, args))
-        for slot in range(len(self.actors)):
-            for attempt in range(self.runtime.max_retries + 1):
-                try:
-                    ray.get(getattr(self.actors[slot], method).remote(*args))
-                    break
-                except RayActorError as error:
-                    if attempt == self.runtime.max_retries:
-                        raise
-                    log.warning("worker %d died during %s: %s", slot, method, _summary(error))
-                    self.actors[slot] = self._start()
+        refs = tuple(ray.put(arg) for arg in args)
+        self.setup_calls.append((method, refs))
+        pending = {getattr(a, method).remote(*refs): slot for slot, a in enumerate(self.actors)}
+        deaths = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            slot = pending.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except RayActorError as error:
+                deaths += 1
+                if deaths > self.runtime.max_retries * max(1, len(self.actors)):
+                    raise
+                log.warning("worker %d died during %s: %s", slot, method, _summary(error))
+                self.actors[slot] = self._start()  # replays every setup call, this one too
 
-    def run(self, tasks: list[Task], on_result: Callable[[Task, Any], None]) -> Outcome:
-        """Run every task somewhere; `on_result` is called on the driver as each finishes."""
+    def run(
+        self,
+        tasks: list[Task],
+        on_result: Callable[[Task, Any], list[Task] | None],
+        on_failure: Callable[[Task, Exception], list[Task] | None] | None = None,
+    ) -> Outcome:
+        """Run every task somewhere; `on_result` is called on the driver as each finishes
+        and may return further tasks to run. `on_failure` may replace a failed task by
+        others (e.g. its halves); when it returns None the task is retried as usual."""
         queue, outcome = deque(tasks), Outcome()
-        inflight: dict[ray.ObjectRef, tuple[int, Task]] = {}
+        inflight: dict[ray.ObjectRef, tuple[int, Task, ray.ObjectRef | None]] = {}
         for slot in range(len(self.actors)):
             self._fill(slot, queue, inflight)
         while inflight:
             ready, _ = ray.wait(list(inflight), num_returns=1)
-            slot, task = inflight.pop(ready[0])
+            slot, task, large = inflight.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except RayActorError as error:
-                self._replace(slot, task, inflight, queue, outcome, error)
-            except RayTaskError as error:
-                self._retry(task, queue, outcome, error)
+                self._replace(slot, task, inflight, queue, outcome, error, on_failure)
+            except RayError as error:
+                self._failed(task, queue, outcome, error, on_failure)
             else:
-                outcome.results.append((task, result))
-                on_result(task, result)
-            self._fill(slot, queue, inflight)
+                outcome.completed += 1
+                more = on_result(task, result if large is None else (result, large))
+                queue.extend(more or ())
+            for any_slot in range(len(self.actors)):
+                self._fill(any_slot, queue, inflight)
         return outcome
 
     def _fill(self, slot: int, queue: deque, inflight: dict) -> None:
-        busy = sum(1 for s, _ in inflight.values() if s == slot)
+        busy = sum(1 for s, _, _ in inflight.values() if s == slot)
         while queue and busy < max(1, self.runtime.queue_depth):
             task = queue.popleft()
-            ref = getattr(self.actors[slot], task.method).remote(*task.args)
-            inflight[ref] = (slot, task)
+            method = getattr(self.actors[slot], task.method)
+            if task.returns == 2:
+                small, large = method.options(num_returns=2).remote(*task.args)
+            else:
+                small, large = method.remote(*task.args), None
+            inflight[small] = (slot, task, large)
             busy += 1
 
-    def _replace(self, slot, task, inflight, queue, outcome, error) -> None:
+    def _failed(self, task, queue, outcome, error, on_failure) -> None:
+        replacement = on_failure(task, error) if on_failure else None
+        if replacement is None:
+            self._retry(task, queue, outcome, error)
+        else:
+            log.warning(
+                "%s failed (%s); running it as %d parts",
+                task.label,
+                _summary(error),
+                len(replacement),
+            )
+            queue.extendleft(reversed(replacement))
+
+    def _replace(self, slot, task, inflight, queue, outcome, error, on_failure=None) -> None:
         """The actor died: start a new one; its running task counts an attempt, queued ones not."""
         log.warning("worker %d died on %s: %s; restarting it", slot, task.label, _summary(error))
         outcome.restarts += 1
-        stranded = [ref for ref, (s, _) in inflight.items() if s == slot]
+        stranded = [ref for ref, (s, _, _) in inflight.items() if s == slot]
         for ref in stranded:
             queue.appendleft(inflight.pop(ref)[1])
-        self._retry(task, queue, outcome, error)
+        self._failed(task, queue, outcome, error, on_failure)
         self.actors[slot] = self._start()
 
     def _retry(self, task: Task, queue: deque, outcome: Outcome, error: Exception) -> None:

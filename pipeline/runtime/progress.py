@@ -26,8 +26,8 @@ class Progress:
         self.started = time.perf_counter()
         self.last_print = 0.0
 
-    def update(self, examples: int) -> None:
-        self.shards += 1
+    def update(self, examples: int, done: int = 1) -> None:
+        self.shards += done
         self.examples += examples
         now = time.perf_counter()
         if now - self.last_print >= self.every or self.shards == self.total:

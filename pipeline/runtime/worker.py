@@ -26,6 +26,7 @@ from pipeline.influence.engine import InfluenceSSL
 from pipeline.influence.reliability import measure as measure_reliability
 from pipeline.influence.statistics import Statistics
 from pipeline.models import Encoder, build_encoder
+from pipeline.runtime.reduce import Node, TreeSum
 from pipeline.storage import open_storage, read_uri
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class Batch:
     cls: list[int | None] = field(default_factory=list)
     metadata: list[dict] = field(default_factory=list)
     pixel_hashes: list[str] = field(default_factory=list)
+    tar_offsets: list[int | None] = field(default_factory=list)
+    tar_sizes: list[int | None] = field(default_factory=list)
 
 
 def build_model(model: ModelConfig) -> Encoder:
@@ -67,6 +70,7 @@ class ShardWorker:
         self.store_z = self.config.index.store_representation
         # One shard computes at a time; a second queued shard decodes meanwhile.
         self.compute = threading.Lock()
+        self.node: str | None = None  # the cluster node, where the runtime knows it
 
     # -- state shipped from the driver ------------------------------------------------------
 
@@ -74,19 +78,50 @@ class ShardWorker:
         self.engine.curvature.load_state_dict(state, completed)
         self.engine.curvature.to(self.engine.device)
 
-    def load_factors(self) -> None:
-        """The fitted factors from the output URI (written by `fit`)."""
-        data = self.output.read_bytes(FACTORS)
+    def load_factors(self, data: bytes | None = None) -> None:
+        """The fitted factors: given (put into the object store once by the driver), or
+        read from the output URI (written by `fit`)."""
+        data = self.output.read_bytes(FACTORS) if data is None else data
         self.engine.load_factors_bytes(data, self.output.url(FACTORS))
         self.engine.curvature.to(self.engine.device)
 
     # -- per shard ----------------------------------------------------------------------------
 
-    def accumulate(self, pass_name: str, url: str) -> dict:
-        """Partial statistics of one curvature pass over one shard (plain tensors)."""
-        stats, read = Statistics(), ReadStats()
-        samples = self.open_shard(url, read)
-        examples = 0
+    def accumulate_block(
+        self, pass_name: str, urls: list[str], block: tuple[int, int], leaves: int
+    ) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Partial statistics of one pass over an aligned block of consecutive shards,
+        summed in the pass's fixed tree order (pipeline.runtime.reduce), returned once.
+
+        Returns (counts, statistics): the driver fetches the counts and leaves the
+        statistics in the object store for the next merge.
+        """
+        tree = TreeSum(Node(*block), leaves, lambda left, right: left.merge(right))
+        read, examples = ReadStats(), 0
+        for url in urls:
+            stats, count = self.accumulate(pass_name, url, read)
+            tree.add(stats)
+            examples += count
+        counts = {
+            "examples": examples,
+            "read": read.to_dict(),
+            "shards": len(urls),
+            "node": self.node,
+        }
+        return counts, tree.result().to_tensors()
+
+    def merge(
+        self, left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]
+    ) -> tuple[dict, dict[str, torch.Tensor]]:
+        """left + right, one step up the reduce tree (runs beside shard work: no lock)."""
+        total = Statistics.from_tensors(left).merge(Statistics.from_tensors(right))
+        return {}, total.to_tensors()
+
+    def accumulate(self, pass_name: str, url: str, read: ReadStats) -> tuple[Statistics, int]:
+        """Partial statistics of one curvature pass over one shard."""
+        stats, examples = Statistics(), 0
+        shard_read = ReadStats()
+        samples = self.open_shard(url, shard_read)
         try:
             with self.compute:
                 for batch in self.batches(samples, self.config.fit.max_examples_per_shard):
@@ -95,8 +130,9 @@ class ShardWorker:
                     examples += len(batch.keys)
         finally:
             samples.close()  # also on failure: no reader thread left behind for a retry
-        check_stream(url, read)
-        return {"stats": stats.to_tensors(), "read": read.to_dict(), "examples": examples}
+        check_stream(url, shard_read)
+        read += shard_read
+        return stats, examples
 
     def reliability(self, urls: list[str], sample: int) -> dict:
         """Reliability of w (pipeline.influence.reliability) on the first `sample` examples
@@ -145,6 +181,7 @@ class ShardWorker:
         record = {
             "shard": url,
             "shard_id": shard_id(url),
+            "node": self.node,
             "examples": table.num_rows,
             "read": read.to_dict(),
             "seconds": round(seconds, 3),
@@ -190,6 +227,8 @@ class ShardWorker:
             batch.cls.append(sample.cls)
             batch.metadata.append(sample.metadata)
             batch.pixel_hashes.append(sample.pixel_hash)
+            batch.tar_offsets.append(sample.tar_offset)
+            batch.tar_sizes.append(sample.tar_size)
             if len(pending) == self.engine.examples_per_batch():
                 batch.images = torch.stack(pending)
                 yield batch
@@ -219,6 +258,8 @@ class Rows:
         self.cls: list[int | None] = []
         self.metadata: list[dict] = []
         self.pixel_hashes: list[str] = []
+        self.tar_offsets: list[int | None] = []
+        self.tar_sizes: list[int | None] = []
         self.w: list[torch.Tensor] = []
         self.loss: list[torch.Tensor] = []
         self.z: list[torch.Tensor] = []
@@ -230,6 +271,8 @@ class Rows:
         self.cls += batch.cls
         self.metadata += batch.metadata
         self.pixel_hashes += batch.pixel_hashes
+        self.tar_offsets += batch.tar_offsets
+        self.tar_sizes += batch.tar_sizes
         self.w.append(w)
         self.loss.append(loss)
         if z is not None:
@@ -251,6 +294,7 @@ class Rows:
             vector_dtype,
             pixel_hashes=self.pixel_hashes,
             z=z.numpy() if z is not None else None,
+            tar_spans=(self.tar_offsets, self.tar_sizes),
         )
 
 
