@@ -257,6 +257,5 @@ def damping_values(engine: InfluenceSSL) -> dict[str, float]:
 def clear_index(storage) -> None:
     """Remove everything an index wrote (factors, parts, markers, stats, manifest)."""
     for prefix in ("markers/", "parts/", "stats/", "factors/", "search/"):
-        for path in storage.list(prefix):
-            storage.delete(path)
+        storage.delete_many(storage.list(prefix))
     storage.delete(MANIFEST)

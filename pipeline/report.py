@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
@@ -45,6 +44,7 @@ from pipeline.data.lookup import (
     shard_thumbnails,
     spans_by_shard,
 )
+from pipeline.index.columnar import open_parquet
 from pipeline.index.layout import DEDUP_DIR, GROUPS_DIR, QUERY_DIR, RANK, REPORT_DIR
 from pipeline.index.reader import Index
 from pipeline.influence.reliability import CONSEQUENCE as RELIABILITY_CONSEQUENCE
@@ -274,18 +274,18 @@ img.plot{max-width:100%}
 def read_parquet(
     storage: Storage, path: str, required: list[str], optional: Iterable[str] | None = ()
 ) -> pa.Table:
-    """The required (checked) and present optional columns (None: all) of one output."""
-    data = storage.read_bytes(path)
-    names = pq.read_schema(io.BytesIO(data)).names
-    lacking = [c for c in required if c not in names]
-    if lacking:
-        raise ValueError(
-            f"{storage.url(path)} lacks column(s) {lacking} needed by the report "
-            f"(it has {names}); rerun the verb that wrote it"
-        )
-    optional = names if optional is None else optional
-    columns = required + [c for c in optional if c in names and c not in required]
-    return pq.read_table(io.BytesIO(data), columns=columns)
+    """The required (checked) and present optional columns (None: all) of one output, by
+    ranged reads of its footer and those columns."""
+    with open_parquet(storage, path) as file:
+        names = file.schema_arrow.names
+        lacking = [c for c in required if c not in names]
+        if lacking:
+            raise ValueError(
+                f"{storage.url(path)} lacks column(s) {lacking} needed by the report "
+                f"(it has {names}); rerun the verb that wrote it"
+            )
+        optional = names if optional is None else optional
+        return file.read(required + [c for c in optional if c in names and c not in required])
 
 
 def labelled(label: str, tiles: str) -> str:

@@ -5,10 +5,12 @@ completion on S3), so readers see the old object or the whole new one, never a p
 Paths are relative, '/'-separated and validated, because they come from user data (example
 keys); ``safe_name`` turns arbitrary text into one safe path component.
 
-S3 calls go through two retry layers: botocore's own (``S3Options.client_max_attempts``) and,
-on top, ``call_with_retries`` (exponential backoff with full jitter), which also covers what
-botocore does not retry: failures while reading a response body. Streaming reads resume a
-broken body with a Range GET pinned to the object's ETag.
+Every S3 request has exactly one retry layer. boto3 calls: botocore's retries are off and
+``call_with_retries`` (exponential backoff with full jitter) wraps each request, body read
+included; multipart parts go through s3transfer on a client whose calls are wrapped alike.
+Parquet reads (``open_arrow``: footer and column chunks by byte range) go through pyarrow's
+S3 filesystem, whose SDK retries with the same attempt budget and nothing wraps it. Streaming
+reads resume a broken body with a Range GET pinned to the object's ETag.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
@@ -74,6 +76,7 @@ S3_MAX_PUT = 5 * 1024 * MiB
 _TMP_PREFIX = ".tmp-storage-"  # local temp files; reserved, never listed
 _READ_BUFFER = 256 * 1024
 _LIST_PAGE_SIZE = 1000  # S3's maximum keys per ListObjectsV2 page
+_DELETE_BATCH = 1000  # S3's maximum keys per DeleteObjects request
 
 
 # ----------------------------------------------------------------------------- errors
@@ -212,6 +215,24 @@ class Storage(ABC):
     def delete(self, path: str) -> None:
         """Remove the object; a missing one is fine."""
 
+    def delete_many(self, paths: Iterable[str]) -> None:
+        """Remove many objects (missing ones are fine); S3 batches them, 1,000 a request."""
+        for path in paths:
+            self.delete(path)
+
+    @abstractmethod
+    def arrow_filesystem(self) -> tuple[Any, str]:
+        """(pyarrow.fs.FileSystem, the root's path in it), for ranged reads by pyarrow."""
+
+    def open_arrow(self, path: str) -> Any:
+        """A pyarrow random-access file of the object: Parquet readers fetch the footer and
+        the column chunks they need by byte range, never the whole object."""
+        filesystem, root = self.arrow_filesystem()
+        try:
+            return filesystem.open_input_file(f"{root}/{check_path(path)}")
+        except FileNotFoundError as exc:
+            raise ObjectNotFoundError(f"read {self.url(path)}: not found", self.url(path)) from exc
+
     @abstractmethod
     def child(self, path: str) -> Storage:
         """Storage rooted at root/path."""
@@ -309,6 +330,11 @@ class LocalStorage(Storage):
     def delete(self, path: str) -> None:
         with suppress(FileNotFoundError):
             os.remove(self._path(path))
+
+    def arrow_filesystem(self) -> tuple[Any, str]:
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem(), self.root
 
     def child(self, path: str) -> LocalStorage:
         return LocalStorage(self._path(path))
@@ -528,8 +554,9 @@ class S3Options:
     ``endpoint_url`` None: ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, read when the
     storage is created (so it travels with a pickled storage), else boto3's own resolution.
     ``addressing_style`` None: "path" with a custom endpoint (MinIO, moto, Ceph), else
-    botocore's default. ``client_max_attempts`` is botocore's own total per call (1: no
-    botocore retries); ``retry`` is the wrapper's, around each call and body read.
+    botocore's default. ``retry`` is the one retry policy: the wrapper's around each boto3
+    call and body read (botocore's own retries are off), and its attempt budget is that of
+    pyarrow's S3 filesystem for Parquet reads.
     """
 
     endpoint_url: str | None = None
@@ -538,8 +565,6 @@ class S3Options:
     part_size: int = 64 * MiB
     max_concurrency: int = 4
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    client_max_attempts: int = 8
-    retry_mode: str = "standard"
     # Seconds; the environment can tune them for every process of a job, Ray workers too.
     connect_timeout: float = field(default_factory=lambda: _env_seconds(_CONNECT_TIMEOUT, 10.0))
     read_timeout: float = field(default_factory=lambda: _env_seconds(_READ_TIMEOUT, 60.0))
@@ -573,49 +598,105 @@ def _env_endpoint() -> str | None:
 
 
 _CLIENTS: dict[tuple[Any, ...], Any] = {}
+_CREDENTIALS: dict[tuple[Any, ...], Any] = {}  # boto3's (refreshable) credentials per client
+# (client key, attempts) -> (frozen credentials, pyarrow S3FileSystem). Module-level, never
+# on a storage: the filesystem pickles with its secret key.
+_ARROW: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
-def _shared_client(options: S3Options) -> Any:
-    """One boto3 client per process and settings (clients are thread-safe; sessions are not)."""
+def _client_key(options: S3Options) -> tuple[Any, ...]:
     style = options.addressing_style or ("path" if options.endpoint_url else None)
-    key = (
+    return (
         os.getpid(),
         options.endpoint_url,
         options.region,
         style,
-        options.client_max_attempts,
-        options.retry_mode,
         options.connect_timeout,
         options.read_timeout,
         options.max_concurrency,
     )
+
+
+def _shared_client(options: S3Options) -> Any:
+    """One boto3 client per process and settings (clients are thread-safe; sessions are not).
+
+    botocore never retries (one attempt per call): ``call_with_retries`` is the only layer.
+    """
+    key = _client_key(options)
+    style = key[3]
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
             import boto3  # deferred: a local-only user never pays for it
 
-            for stale in [k for k in _CLIENTS if k[0] != key[0]]:  # inherited through fork
-                del _CLIENTS[stale]
+            for cache in (_CLIENTS, _CREDENTIALS, _ARROW):  # inherited through fork
+                for stale in [k for k in cache if k[0] != key[0]]:
+                    del cache[stale]
             config = Config(
-                retries={
-                    "mode": options.retry_mode,
-                    "total_max_attempts": options.client_max_attempts,
-                },
+                retries={"mode": "standard", "total_max_attempts": 1},
                 connect_timeout=options.connect_timeout,
                 read_timeout=options.read_timeout,
                 max_pool_connections=max(10, 2 * options.max_concurrency),
                 tcp_keepalive=True,
                 s3={"addressing_style": style} if style else None,
             )
-            client = boto3.session.Session().client(
+            session = boto3.session.Session()
+            client = session.client(
                 "s3",
                 region_name=options.region,
                 endpoint_url=options.endpoint_url,
                 config=config,
             )
             _CLIENTS[key] = client
+            _CREDENTIALS[key] = session.get_credentials()  # the very object the client signs with
     return client
+
+
+def _arrow_s3(options: S3Options) -> Any:
+    """A pyarrow S3FileSystem with the boto3 client's endpoint, region and credentials;
+    rebuilt when boto3 refreshes the credentials."""
+    client, key = _shared_client(options), _client_key(options)
+    credentials = _CREDENTIALS.get(key)
+    frozen = credentials.get_frozen_credentials() if credentials is not None else None
+    key += (options.retry.max_attempts,)  # the SDK's own attempt budget
+    with _CLIENTS_LOCK:
+        cached = _ARROW.get(key)
+        if cached is None or cached[0] != frozen:
+            import pyarrow.fs as pafs
+
+            settings = _arrow_settings(options, client.meta.region_name, frozen)
+            cached = _ARROW[key] = (frozen, pafs.S3FileSystem(**settings))
+    return cached[1]
+
+
+def _arrow_settings(options: S3Options, region: str | None, frozen: Any) -> dict[str, Any]:
+    """S3FileSystem arguments; its SDK retries (standard strategy) get the policy's budget,
+    the one retry layer of its reads."""
+    import pyarrow.fs as pafs
+
+    settings: dict[str, Any] = {
+        "region": options.region or region or "us-east-1",
+        "connect_timeout": options.connect_timeout,
+        "request_timeout": options.read_timeout,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(options.retry.max_attempts),
+        "force_virtual_addressing": options.addressing_style == "virtual",
+    }
+    if frozen is None:
+        settings["anonymous"] = True  # as boto3 would sign nothing
+    else:
+        settings.update(
+            access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token
+        )
+    if options.endpoint_url:
+        parts = urlsplit(options.endpoint_url)
+        if parts.path.strip("/"):
+            raise ValueError(
+                f"pyarrow cannot use an S3 endpoint with a path: {_redact(options.endpoint_url)}"
+            )
+        host = parts.netloc.rpartition("@")[2]
+        settings.update(scheme=parts.scheme or "https", endpoint_override=host)
+    return settings
 
 
 class S3Storage(Storage):
@@ -702,21 +783,25 @@ class S3Storage(Storage):
             data = bytes(data)
         if len(data) <= self.options.multipart_threshold:
             self._call("write", uri, partial(self.client.put_object, **self._at(key), Body=data))
-        else:
-            self._call("write", uri, partial(self._upload_multipart, key, data))
+        else:  # each request is retried inside, not the whole upload
+            self._upload_multipart(key, uri, data)
 
-    def _upload_multipart(self, key: str, data: bytes) -> None:
-        """Multipart upload via s3transfer, which aborts the upload if a part fails."""
-        from boto3.s3.transfer import TransferConfig
+    def _upload_multipart(self, key: str, uri: str, data: bytes) -> None:
+        """Parts uploaded concurrently by s3transfer, which aborts the upload if one fails for
+        good; the object appears whole at completion or not at all."""
+        from s3transfer.futures import NonThreadedExecutor
+        from s3transfer.manager import TransferConfig, TransferManager
 
         part = max(self.options.part_size, -(-len(data) // S3_MAX_PARTS))
         config = TransferConfig(
             multipart_threshold=self.options.multipart_threshold,
             multipart_chunksize=part,
-            max_concurrency=self.options.max_concurrency,
-            use_threads=self.options.max_concurrency > 1,
+            max_request_concurrency=self.options.max_concurrency,
         )
-        self.client.upload_fileobj(io.BytesIO(data), self.bucket, key, Config=config)
+        threads = self.options.max_concurrency > 1
+        executor = None if threads else NonThreadedExecutor
+        with TransferManager(_RetryingClient(self, uri), config, executor_cls=executor) as manager:
+            manager.upload(io.BytesIO(data), self.bucket, key).result()
 
     def open_read(self, path: str) -> BinaryIO:
         raw = _S3Reader(self, self._key(path), self.url(path))
@@ -764,6 +849,46 @@ class S3Storage(Storage):
         delete = partial(self.client.delete_object, **self._at(self._key(path)))
         self._call("delete", self.url(path), delete)
 
+    def delete_many(self, paths: Iterable[str]) -> None:
+        keys = [self._key(path) for path in paths]
+        failed: list[str] = []
+        for start in range(0, len(keys), _DELETE_BATCH):
+            failed += self._delete_batch(keys[start : start + _DELETE_BATCH])
+        if failed:
+            shown = "; ".join(failed[:5]) + (f"; {len(failed) - 5} more" if len(failed) > 5 else "")
+            raise StorageError(
+                f"delete: {len(failed)} of {len(keys)} objects under {self.uri} failed: {shown}",
+                self.uri,
+            )
+
+    def _delete_batch(self, keys: list[str]) -> list[str]:
+        """One DeleteObjects request; keys refused with a retryable code (SlowDown, ...) are
+        sent again under the same policy as a failed request. Returns the keys refused for
+        good, as "uri: Code"."""
+        pending, failed = keys, []
+
+        def request() -> None:
+            nonlocal pending
+            delete = {"Objects": [{"Key": k} for k in pending], "Quiet": True}
+            response = self.client.delete_objects(Bucket=self.bucket, Delete=delete)
+            errors = response.get("Errors", [])
+            again = [e for e in errors if e.get("Code") in _RETRYABLE_CODES]
+            failed.extend(
+                f"s3://{self.bucket}/{e['Key']}: {e.get('Code')}" for e in errors if e not in again
+            )
+            pending = [e["Key"] for e in again]
+            if again:  # as if the request had failed: is_retryable sees the code
+                message = f"{len(again)} key(s) refused, e.g. {again[0]['Key']}"
+                error = {"Code": again[0]["Code"], "Message": message}
+                raise ClientError({"Error": error}, "DeleteObjects")  # type: ignore[arg-type]
+
+        self._call("delete", self.uri, request)
+        return failed
+
+    def arrow_filesystem(self) -> tuple[Any, str]:
+        root = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        return _arrow_s3(self.options), root
+
     def create(self, path: str, data: bytes) -> bool:
         key = self._key(path)
         put = partial(self.client.put_object, **self._at(key), Body=data, IfNoneMatch="*")
@@ -796,6 +921,59 @@ class S3Storage(Storage):
         sub = S3Storage(self.bucket, self._key(path), self.options)
         sub._client, sub._client_pid = self._client, self._client_pid
         return sub
+
+
+class _RetryingClient:
+    """The boto3 client as s3transfer sees it: every request it makes goes through
+    ``call_with_retries`` (botocore itself never retries), a part's body rewound first."""
+
+    _WRAPPED = frozenset(
+        {"put_object", "create_multipart_upload", "upload_part", "abort_multipart_upload"}
+    )
+
+    def __init__(self, storage: S3Storage, uri: str) -> None:
+        self._storage, self._uri = storage, uri
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._storage.client, name)
+        if name == "complete_multipart_upload":
+            return self._complete
+        return partial(self._request, name, method) if name in self._WRAPPED else method
+
+    def _request(self, name: str, method: Callable[..., Any], **kwargs: Any) -> Any:
+        body = kwargs.get("Body")
+
+        def once() -> Any:
+            if hasattr(body, "seek"):
+                body.seek(0)  # a failed attempt may have read part of it
+            return method(**kwargs)
+
+        return self._storage._call(name, self._uri, once)
+
+    def _complete(self, **kwargs: Any) -> Any:
+        """Complete the upload. A retry after a lost response finds it gone (NoSuchUpload):
+        then the object is checked to be this upload (by its multipart ETag)."""
+        client, tries = self._storage.client, 0
+
+        def once() -> Any:
+            nonlocal tries
+            tries += 1
+            try:
+                return client.complete_multipart_upload(**kwargs)
+            except ClientError as exc:
+                gone = _client_error_code(exc)[0] == "NoSuchUpload"
+                if tries > 1 and gone and self._completed(kwargs):
+                    return {}
+                raise
+
+        return self._storage._call("complete_multipart_upload", self._uri, once)
+
+    def _completed(self, kwargs: dict[str, Any]) -> bool:
+        parts = kwargs["MultipartUpload"]["Parts"]
+        md5s = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
+        expected = f'"{hashlib.md5(md5s, usedforsecurity=False).hexdigest()}-{len(parts)}"'
+        head = self._storage.client.head_object(Bucket=kwargs["Bucket"], Key=kwargs["Key"])
+        return head.get("ETag") == expected
 
 
 def _conditional(request: Callable[[], Any]) -> bool:

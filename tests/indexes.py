@@ -26,7 +26,7 @@ from pipeline.config import (
     ProjectionConfig,
 )
 from pipeline.data import pixel_hash
-from pipeline.index.manifest import new_manifest, write_manifest
+from pipeline.index.manifest import FORMAT, new_manifest, write_manifest
 from pipeline.index.parts import part_table, publish_part
 from pipeline.influence.engine import InfluenceSSL
 from pipeline.models import build_encoder, model_identity
@@ -215,3 +215,45 @@ def inject_duplicates(
     corpus.keys += extra_keys
     corpus.cls += extra_cls
     return corpus
+
+
+# -- synthetic indexes at scale -----------------------------------------------------------------
+
+
+def write_synthetic_index(
+    uri: str,
+    parts: int,
+    rows: int,
+    dimension: int,
+    seed: int = 0,
+    vector_dtype: str = "float32",
+    z_dim: int = 128,
+) -> str:
+    """An index of `parts` x `rows` random rows written by the real part writer (every column
+    `build` writes: w [D], z, pixel hash, tar spans), with a manifest `Index` accepts. No model:
+    for storage and read-path tests and benchmarks at sizes an engine could not embed."""
+    rng = np.random.default_rng(seed)
+    storage = open_storage(uri)
+    shards = []
+    for number in range(parts):
+        w = rng.standard_normal((rows, dimension), dtype=np.float32)
+        url = f"s3://source/shard-{number:06d}.tar"
+        table = part_table(
+            [f"p{number:06d}-{row:07d}" for row in range(rows)],
+            url,
+            w,
+            (w.astype(np.float64) ** 2).sum(1),
+            rng.uniform(0.0, 2.0, rows).astype(np.float32),
+            rng.integers(0, 10, rows).tolist(),
+            [{"split": "train"}] * rows,
+            vector_dtype,
+            pixel_hashes=[f"{h:032x}" for h in rng.integers(0, 2**63, rows)],
+            z=rng.standard_normal((rows, z_dim), dtype=np.float32),
+            tar_spans=(list(range(0, 1024 * rows, 1024)), [1024] * rows),
+        )
+        shard_id = f"shard-{number:06d}"
+        marker = publish_part(storage, shard_id, table, {"shard": url, "shard_id": shard_id})
+        shards.append({"url": url, "id": shard_id, "examples": rows, "part": marker["part"]})
+    manifest = {"format": FORMAT, "dimension": dimension, "vector_dtype": vector_dtype}
+    write_manifest(storage, {**manifest, "shards": shards})
+    return storage.uri

@@ -172,6 +172,23 @@ class FlakyProxy:
 _HOP_HEADERS = {"connection", "expect", "keep-alive", "proxy-connection"}
 
 
+class CountingProxy(FlakyProxy):
+    """A well-behaved proxy that counts the response body bytes it relays (what a client
+    downloads) and keeps each request's body."""
+
+    def __init__(self, upstream: str, max_connections: int = 100_000) -> None:
+        super().__init__(upstream, max_connections=max_connections)
+        self.body_bytes = 0
+        self.bodies: list[bytes] = []
+
+    def _forward(self, lines: list[str], body: bytes) -> bytes:
+        response = super()._forward(lines, body)
+        with self._lock:
+            self.body_bytes += len(response.partition(b"\r\n\r\n")[2])
+            self.bodies.append(body)
+        return response
+
+
 def _read_head(conn: socket.socket) -> tuple[bytes | None, bytes]:
     """Read up to the blank line; return (head, the body bytes already received)."""
     data = b""

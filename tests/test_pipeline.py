@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
@@ -261,7 +262,6 @@ def test_fit_and_build_from_and_to_s3(built, s3_endpoint, digit_shards):
 
 def test_a_killed_worker_is_replaced_and_the_index_is_complete(built, tmp_path):
     """SIGKILL a worker actor's process mid-build: its shard is retried on a new actor."""
-    import psutil
 
     config, _, output, _ = built
     killed = pipeline_config(
@@ -275,19 +275,8 @@ def test_a_killed_worker_is_replaced_and_the_index_is_complete(built, tmp_path):
     before = set(worker_pids())
     markers = tmp_path / "killed" / "markers"
 
-    def kill_a_worker_mid_build() -> None:
-        """Once the first shard is published, SIGKILL this build's worker (mid-shard)."""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            fresh = [pid for pid in worker_pids() if pid not in before]
-            if fresh and markers.is_dir() and any(markers.iterdir()):
-                psutil.Process(fresh[0]).kill()
-                victims.append(fresh[0])
-                return
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_a_worker_mid_build, daemon=True)
-    killer.start()
+    # Once the first shard is published, SIGKILL this build's worker (mid-shard).
+    killer = start_killer(before, victims, lambda: markers.is_dir() and any(markers.iterdir()))
     summary = run_build(killed)
     killer.join(timeout=5)
     assert victims, "no worker process was found to kill"
@@ -297,6 +286,52 @@ def test_a_killed_worker_is_replaced_and_the_index_is_complete(built, tmp_path):
     _, table = read_index(tmp_path / "killed")
     assert table.column("key").to_pylist() == expected.column("key").to_pylist()
     assert_same_vectors(table, expected)
+
+
+def test_a_worker_killed_mid_fit_gives_bit_identical_factors(built, tmp_path):
+    """SIGKILL the fit's worker as soon as it exists: its blocks (both in flight) fail, are
+    split into halves and rerun on a new actor, and the factors equal the clean run's to
+    the last bit (one tree order)."""
+
+    config, _, output, _ = built
+    killed = pipeline_config(
+        tmp_path / "killed-fit",
+        config.input.shards,
+        config.influence.model.checkpoint,
+        address=config.runtime.address,
+    )
+    victims: list[int] = []
+    before = set(worker_pids())
+
+    killer = start_killer(before, victims, lambda: True)
+    manifest = run_fit(killed)
+    killer.join(timeout=5)
+    assert victims, "no worker process was found to kill"
+    assert manifest["factors"]["failed_shards"] == []
+    assert manifest["factors"]["examples"] == 240
+    clean = safetensors.torch.load(open_storage(str(output)).read_bytes(FACTORS))
+    again = safetensors.torch.load(open_storage(str(tmp_path / "killed-fit")).read_bytes(FACTORS))
+    assert clean.keys() == again.keys()
+    assert all(torch.equal(clean[name], again[name]) for name in clean)
+
+
+def start_killer(before: set[int], victims: list[int], when) -> threading.Thread:
+    """A thread that SIGKILLs the first new worker process once `when()` holds."""
+    import psutil
+
+    def kill() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            fresh = [pid for pid in worker_pids() if pid not in before]
+            if fresh and when():
+                psutil.Process(fresh[0]).kill()
+                victims.append(fresh[0])
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
 
 
 def worker_pids() -> list[int]:

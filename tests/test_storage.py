@@ -7,6 +7,7 @@ mocked, every S3 call here is HTTP.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -36,7 +37,7 @@ from pipeline.storage import (
     safe_name,
     split_uri,
 )
-from tests.s3server import SECRET_KEY, FlakyProxy
+from tests.s3server import SECRET_KEY, CountingProxy, FaultProxy, FlakyProxy, _error_response
 
 MiB = 1 << 20
 BUCKET = "influence-ssl-test"
@@ -417,8 +418,8 @@ def test_backoff_is_full_jitter_and_capped() -> None:
 def test_retry_over_the_network_503(s3: S3Storage) -> None:
     s3.write_bytes("obj", b"payload")
     with FlakyProxy(s3.options.endpoint_url or "", slowdowns=2) as proxy:
-        # botocore's own retries off: the wrapper alone must ride out the 503s.
-        flaky = with_options(s3, endpoint_url=proxy.endpoint_url, client_max_attempts=1)
+        # botocore never retries: the wrapper alone rides out the 503s.
+        flaky = with_options(s3, endpoint_url=proxy.endpoint_url)
         flaky.write_bytes("obj2", b"through the proxy")
         assert proxy.rejected == 2
         assert flaky.read_bytes("obj") == b"payload"
@@ -426,17 +427,9 @@ def test_retry_over_the_network_503(s3: S3Storage) -> None:
     assert s3.read_bytes("obj2") == b"through the proxy"
 
 
-def test_retry_over_the_network_503_botocore_layer(s3: S3Storage) -> None:
-    s3.write_bytes("obj", b"payload")
-    with FlakyProxy(s3.options.endpoint_url or "", slowdowns=2) as proxy:
-        flaky = with_options(s3, endpoint_url=proxy.endpoint_url)  # default: botocore retries too
-        assert flaky.read_bytes("obj") == b"payload"
-        assert proxy.rejected == 2
-
-
 def test_retry_over_the_network_503_gives_up(s3: S3Storage) -> None:
     with FlakyProxy(s3.options.endpoint_url or "", slowdowns=100) as proxy:
-        flaky = with_options(s3, endpoint_url=proxy.endpoint_url, client_max_attempts=1)
+        flaky = with_options(s3, endpoint_url=proxy.endpoint_url)
         with pytest.raises(StorageError, match=r"\(after 5 attempts\): SlowDown \(HTTP 503\)"):
             flaky.read_bytes("obj")
         assert proxy.rejected == FAST.max_attempts
@@ -446,7 +439,7 @@ def test_broken_body_is_resumed(s3: S3Storage) -> None:
     data = os.urandom(3 * MiB)
     s3.write_bytes("big", data)
     with FlakyProxy(s3.options.endpoint_url or "", truncations=1) as proxy:
-        flaky = with_options(s3, endpoint_url=proxy.endpoint_url, client_max_attempts=1)
+        flaky = with_options(s3, endpoint_url=proxy.endpoint_url)
         with flaky.open_read("big") as f:
             assert b"".join(iter(lambda: f.read(100_000), b"")) == data
         assert proxy.truncated == 1
@@ -486,6 +479,8 @@ def test_no_secret_in_reprs_errors_or_pickles(s3: S3Storage) -> None:
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET_KEY  # the client really holds it
     s3.write_bytes("x", b"1")
     assert s3.client is not None
+    with s3.open_arrow("x") as f:  # pyarrow's filesystem holds the keys too, never the storage
+        assert f.read() == b"1"
     shown = [repr(s3), str(s3), repr(s3.options), repr(s3.child("c"))]
     with pytest.raises(StorageError) as info:
         s3.read_bytes("missing")
@@ -502,3 +497,167 @@ def test_endpoint_from_environment(s3_endpoint: str, monkeypatch: pytest.MonkeyP
     assert S3Storage("bkt").options.endpoint_url == "http://127.0.0.1:1"  # service-specific wins
     secret_url = "http://user:pw@127.0.0.1:2"
     assert "pw" not in repr(S3Storage("bkt", options=S3Options(endpoint_url=secret_url)))
+
+
+# ----------------------------------------------------------------------------- batched deletes
+
+
+def test_delete_many(storage: Storage) -> None:
+    paths = [f"many/{i}" for i in range(7)]
+    for path in paths:
+        storage.write_bytes(path, b"x")
+    storage.delete_many(iter([*paths[:5], "never/existed"]))  # any iterable; missing is fine
+    storage.delete_many([])
+    assert storage.list() == paths[5:]
+    with pytest.raises(ValueError, match="relative"):
+        storage.delete_many(["/abs"])
+    assert storage.list() == paths[5:]
+
+
+def test_delete_many_batches_deleteobjects(s3: S3Storage, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage_module, "_DELETE_BATCH", 3)  # 7 keys -> 3 requests
+    paths = [f"k/{i}" for i in range(7)]
+    for path in paths:
+        s3.write_bytes(path, b"x")
+    with CountingProxy(s3.options.endpoint_url or "") as proxy:
+        with_options(s3, endpoint_url=proxy.endpoint_url).delete_many(paths)
+    assert [r.split("?")[-1] for r in proxy.requests] == ["delete "] * 3
+    assert s3.list() == []
+
+
+class RefusingProxy(CountingProxy):
+    """Answers the first DeleteObjects (after forwarding it) as if S3 had refused two keys:
+    one with a retryable code, one for good."""
+
+    def __init__(self, upstream: str, retryable: str, refused: str) -> None:
+        super().__init__(upstream)
+        self.refusals = [(retryable, "InternalError"), (refused, "AccessDenied")]
+
+    def _forward(self, lines: list[str], body: bytes) -> bytes:
+        response = super()._forward(lines, body)
+        if "?delete" not in lines[0] or not self.refusals:
+            return response
+        errors = "".join(
+            f"<Error><Key>{key}</Key><Code>{code}</Code><Message>no</Message></Error>"
+            for key, code in self.refusals
+        )
+        self.refusals = []
+        xml = f'<?xml version="1.0" encoding="UTF-8"?><DeleteResult>{errors}</DeleteResult>'
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {len(xml)}"
+        return f"{head}\r\nConnection: close\r\n\r\n{xml}".encode()
+
+
+def test_delete_many_surfaces_errors_per_key(s3: S3Storage) -> None:
+    paths = [f"d/{i}" for i in range(4)]
+    for path in paths:
+        s3.write_bytes(path, b"x")
+    key = f"{s3.prefix}/d/%d"
+    with RefusingProxy(s3.options.endpoint_url or "", key % 1, key % 2) as proxy:
+        flaky = with_options(s3, endpoint_url=proxy.endpoint_url)
+        with pytest.raises(StorageError, match="1 of 4 objects") as info:
+            flaky.delete_many(paths)
+    assert f"s3://{BUCKET}/{key % 2}: AccessDenied" in str(info.value)
+    assert key % 1 not in str(info.value)
+    sent = [re.findall(rb"<Key>([^<]*)</Key>", body) for body in proxy.bodies]
+    assert sent == [[(key % i).encode() for i in range(4)], [(key % 1).encode()]]  # resent alone
+
+
+# ----------------------------------------------------------------------------- one retry layer
+
+
+def test_exactly_one_retry_layer(s3: S3Storage) -> None:
+    """Every request, whatever the client (boto3, s3transfer, pyarrow), is attempted exactly
+    the policy's number of times when every attempt fails: no layer retries another's retry."""
+    s3.write_bytes("obj", b"payload")
+    big = os.urandom(6 * MiB)
+    with FlakyProxy(s3.options.endpoint_url or "", slowdowns=10_000) as proxy:
+        flaky = with_options(
+            s3, endpoint_url=proxy.endpoint_url, multipart_threshold=5 * MiB, part_size=5 * MiB
+        )
+        calls = {
+            "read": lambda: flaky.read_bytes("obj"),
+            "write": lambda: flaky.write_bytes("new", b"1"),
+            "multipart": lambda: flaky.write_bytes("big", big),
+            "list": flaky.list,
+            "exists": lambda: flaky.exists("obj"),
+            "delete": lambda: flaky.delete("obj"),
+            "delete_many": lambda: flaky.delete_many(["obj"]),
+            "arrow": lambda: flaky.open_arrow("obj"),
+        }
+        for name, call in calls.items():
+            before = proxy.rejected
+            with pytest.raises(OSError):
+                call()
+            assert proxy.rejected - before == FAST.max_attempts, name
+    assert s3.read_bytes("obj") == b"payload" and not s3.exists("big")
+
+
+class LosesFirstCompletion(FlakyProxy):
+    """Forwards the first CompleteMultipartUpload, then drops the connection unanswered; with
+    ``gone``, answers the retried one NoSuchUpload, as S3 may once an upload is complete.
+    ``forward_first`` False: the first one is dropped before it reaches the server."""
+
+    def __init__(self, upstream: str, gone: bool, forward_first: bool = True) -> None:
+        super().__init__(upstream)
+        self.gone, self.forward_first, self.completions = gone, forward_first, 0
+
+    def _forward(self, lines: list[str], body: bytes) -> bytes:
+        if not (lines[0].startswith("POST ") and "uploadId=" in lines[0]):
+            return super()._forward(lines, body)
+        self.completions += 1
+        if self.completions > 1 and self.gone:
+            return _error_response("404 Not Found", "NoSuchUpload", "The upload does not exist.")
+        if self.completions == 1 and not self.forward_first:
+            raise OSError("request lost on purpose")
+        response = super()._forward(lines, body)
+        if self.completions == 1:
+            raise OSError("response lost on purpose")
+        return response
+
+
+@pytest.mark.parametrize("gone", [False, True])
+def test_multipart_survives_a_lost_completion(s3: S3Storage, gone: bool) -> None:
+    data = os.urandom(11 * MiB)
+    with LosesFirstCompletion(s3.options.endpoint_url or "", gone) as proxy:
+        flaky = with_options(
+            s3, endpoint_url=proxy.endpoint_url, multipart_threshold=5 * MiB, part_size=5 * MiB
+        )
+        flaky.write_bytes("mp", data)
+    assert proxy.completions == 2
+    assert s3.read_bytes("mp") == data
+
+
+def test_multipart_lost_completion_of_another_upload_fails(s3: S3Storage) -> None:
+    """NoSuchUpload on a retried completion whose first try never arrived: the object there
+    is not this upload, so the write fails (and the other object stays)."""
+    s3.write_bytes("mp", b"someone else's")
+    proxy = LosesFirstCompletion(s3.options.endpoint_url or "", gone=True, forward_first=False)
+    with proxy:
+        flaky = with_options(
+            s3, endpoint_url=proxy.endpoint_url, multipart_threshold=5 * MiB, part_size=5 * MiB
+        )
+        with pytest.raises(ObjectNotFoundError, match="NoSuchUpload"):
+            flaky.write_bytes("mp", os.urandom(11 * MiB))
+    assert s3.read_bytes("mp") == b"someone else's"
+
+
+def test_multipart_through_faults(s3: S3Storage) -> None:
+    """503s, 500s and resets on a third of the requests of a concurrent multipart upload: each
+    request is retried (a part's body rewound), the object is whole, never partial."""
+    data = os.urandom(16 * MiB)
+    faults = ("slowdown", "internal", "reset")
+    with FaultProxy(s3.options.endpoint_url or "", rate=0.3, seed=3, faults=faults) as proxy:
+        flaky = with_options(
+            s3,
+            endpoint_url=proxy.endpoint_url,
+            multipart_threshold=5 * MiB,
+            part_size=5 * MiB,
+            retry=RetryPolicy(max_attempts=10, base_delay=0.01, max_delay=0.05),
+        )
+        flaky.write_bytes("mp", data)
+    assert all(proxy.counts[kind] >= 1 for kind in faults), proxy.counts
+    assert s3.read_bytes("mp") == data
+    etag = s3.client.head_object(Bucket=s3.bucket, Key=f"{s3.prefix}/mp")["ETag"]
+    parts = [data[i : i + 5 * MiB] for i in range(0, len(data), 5 * MiB)]
+    md5s = b"".join(hashlib.md5(p).digest() for p in parts)
+    assert etag.strip('"') == f"{hashlib.md5(md5s).hexdigest()}-4"

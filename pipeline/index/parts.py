@@ -10,9 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.index.columnar import read_columns
 from pipeline.index.layout import marker_path, part_path
 
 VECTOR_DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
+ROW_GROUP_ROWS = 4096
+ROW_GROUP_BYTES = 32 << 20  # uncompressed; 4096 rows up to D = 2048 in float32
 
 
 def part_table(
@@ -61,9 +64,18 @@ def fixed_size_list(x: np.ndarray, np_type, pa_type: pa.DataType) -> pa.FixedSiz
 
 
 def table_bytes(table: pa.Table) -> bytes:
+    """Parquet (zstd) in row groups of `row_group_rows`, so `take` reads only the groups that
+    hold its rows, and every projected read stays a few ranged reads per part."""
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", row_group_size=row_group_rows(table))
     return sink.getvalue()
+
+
+def row_group_rows(table: pa.Table) -> int:
+    """ROW_GROUP_ROWS, fewer where rows are so wide (large D) that a group would pass
+    ROW_GROUP_BYTES in memory."""
+    per_row = table.nbytes / max(1, table.num_rows)
+    return max(1, min(ROW_GROUP_ROWS, int(ROW_GROUP_BYTES // max(1.0, per_row))))
 
 
 def publish_part(storage, shard_id: str, table: pa.Table, record: dict) -> dict:
@@ -89,8 +101,9 @@ def read_marker(storage, shard_id: str) -> dict | None:
         return None
 
 
-def read_part(storage, shard_id: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(part_path(shard_id))))
+def read_part(storage, shard_id: str, columns: list[str] | None = None) -> pa.Table:
+    """The shard's part (only `columns`, by ranged reads, when given)."""
+    return read_columns(storage, part_path(shard_id), columns)
 
 
 def vectors(table: pa.Table, column_name: str = "w") -> np.ndarray:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline.index.columnar import read_columns, read_rows, read_schema
 from pipeline.index.manifest import read_manifest
 from pipeline.index.parts import table_bytes, vectors
 from pipeline.storage import Storage, open_storage
+
+PARALLEL_PARTS = 16
 
 
 class Index:
@@ -30,13 +32,15 @@ class Index:
         return int(self.manifest["dimension"])
 
     def table(self, columns: list[str] | None = None) -> pa.Table:
-        """All finished parts, in shard order."""
-        return pa.concat_tables(
-            [self.read_part(s["part"], columns) for s in self.manifest["shards"]]
-        )
+        """All finished parts, in shard order (read a few at a time: on S3 each is a few
+        round trips)."""
+        paths = [s["part"] for s in self.manifest["shards"]]
+        with ThreadPoolExecutor(max(1, min(PARALLEL_PARTS, len(paths)))) as pool:
+            return pa.concat_tables(list(pool.map(lambda p: self.read_part(p, columns), paths)))
 
     def read_part(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.storage.read_bytes(path)), columns=columns)
+        """One part's `columns` (None: all), fetching only those columns' bytes."""
+        return read_columns(self.storage, path, columns)
 
     def offsets(self) -> np.ndarray:
         """First global row of each part, and the total at the end ([parts + 1])."""
@@ -51,20 +55,20 @@ class Index:
             raise IndexError(f"rows out of range [0, {offsets[-1]})")
         part_of = np.searchsorted(offsets, rows, side="right") - 1
         pieces, order = [], []
-        for part in np.unique(part_of):
+        for part in np.unique(part_of):  # only the row groups holding the rows
             wanted = np.flatnonzero(part_of == part)
-            table = self.read_part(self.manifest["shards"][part]["part"], columns)
-            pieces.append(table.take(pa.array(rows[wanted] - offsets[part])))
+            path = self.manifest["shards"][part]["part"]
+            pieces.append(read_rows(self.storage, path, rows[wanted] - offsets[part], columns))
             order.append(wanted)
         if not pieces:
-            return self.read_part(self.manifest["shards"][0]["part"], columns).slice(0, 0)
+            return read_rows(self.storage, self.manifest["shards"][0]["part"], rows, columns)
         combined = pa.concat_tables(pieces)
         return combined.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
     def columns(self) -> set[str]:
         """Column names of the parts (older indices lack pixel_hash and z)."""
         first = self.manifest["shards"][0]["part"]
-        return set(pq.read_schema(io.BytesIO(self.storage.read_bytes(first))).names)
+        return set(read_schema(self.storage, first).names)  # the footer only
 
     def vectors(self, table: pa.Table | None = None) -> np.ndarray:
         """The `w` column (of `table`, or read now) as a dense [N, D] float32 array."""

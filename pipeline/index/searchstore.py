@@ -168,9 +168,7 @@ def remove_other_generations(index: Index, manifest: dict) -> None:
     keep = {SEARCH_MANIFEST} | {
         name for shard in manifest["shards"] for name in (shard["file"], shard.get("vectors"))
     }
-    for name in index.storage.list(f"{SEARCH_DIR}/"):
-        if name not in keep:
-            index.storage.delete(name)
+    index.storage.delete_many(n for n in index.storage.list(f"{SEARCH_DIR}/") if n not in keep)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
