@@ -152,12 +152,13 @@ def fit_passes(engine: InfluenceSSL, pool: WorkerPool, sample: list[str]) -> dic
             state = {k: v.cpu() for k, v in engine.curvature.state_dict().items()}
             pool.broadcast("load_curvature", state, list(engine.curvature.completed))
         reduced = TreePass(pass_name, sample, len(pool.actors), pool.runtime.max_retries)
-        outcome = pool.run(reduced.tasks(), reduced.collect, reduced.split)
-        failed |= set(reduced.failed)
+        outcome = pool.run(reduced.tasks(), reduced.collect, reduced.split, reduced.leave_out)
+        failed |= {u for task, _ in outcome.failures for u in reduced.shards_of(task)}
         total = reduced.total()
         if total is None:
-            errors = outcome.failures or list(reduced.failed.items())
-            raise RuntimeError(f"fit pass {pass_name!r}: no shard could be summed: {errors}")
+            raise RuntimeError(
+                f"fit pass {pass_name!r}: no shard could be summed: {outcome.failures}"
+            )
         engine.complete_pass(pass_name, total)
         if pass_name == engine.curvature.passes[0]:
             examples, read, nodes = reduced.examples, reduced.read, reduced.nodes
@@ -187,7 +188,6 @@ class TreePass:
         self.tree = TreeReduce(self.leaves)
         self.progress = Progress(f"fit/{pass_name}", self.leaves)
         self.read, self.examples = ReadStats(), 0
-        self.failed: dict[str, str] = {}  # shard -> its last error
         self.nodes: dict[str, int] = {}  # cluster node -> shards it summed
 
     def tasks(self) -> list[Task]:
@@ -228,14 +228,22 @@ class TreePass:
             blocks = node.blocks(self.level, self.leaves)
             return [self.block_task(b, task.attempts + 1) for b in blocks]
         if node.level == 0:
-            if task.attempts < self.retries:
-                return [self.block_task(node, task.attempts + 1)]
-            url = self.sample[node.first]
-            log.error("giving up on %s after %d attempts: %s", url, task.attempts + 1, error)
-            self.failed[url] = str(error).strip().splitlines()[-1] if str(error) else repr(error)
-            return self.offer(node, None)  # an empty leaf: its siblings go on up the tree
+            return None  # one shard: the pool's retries, then `leave_out`
         left, right = node.children()
         return [self.block_task(n, task.attempts) for n in (left, right) if n.first < self.leaves]
+
+    def leave_out(self, task: Task, error: str) -> list[Task]:
+        """A shard that failed its last attempt is an empty leaf: its siblings go on up the
+        tree (a merge that failed for good has no such stand-in: the pass then fails)."""
+        if task.method != "accumulate_block":
+            return []
+        return self.offer(task.context, None)
+
+    def shards_of(self, task: Task) -> list[str]:
+        """The shards a given-up task left out (none for a merge)."""
+        if task.method != "accumulate_block":
+            return []
+        return self.sample[task.context.first : task.context.end(self.leaves)]
 
     def total(self) -> Statistics | None:
         """The root's statistics; None when nothing was summed."""

@@ -76,6 +76,16 @@ def pipeline_config(output, shards, checkpoint, workers=1, address=None) -> Pipe
     return config
 
 
+def same_job(config: PipelineConfig, output) -> PipelineConfig:
+    """The built fixture's job (shards, model, cluster) written to another output."""
+    return pipeline_config(
+        output,
+        config.input.shards,
+        config.influence.model.checkpoint,
+        address=config.runtime.address,
+    )
+
+
 def read_index(output) -> tuple[dict, pa.Table]:
     """The manifest and all parts, with nothing but pyarrow and the storage bytes."""
     storage = open_storage(str(output))
@@ -264,12 +274,7 @@ def test_a_killed_worker_is_replaced_and_the_index_is_complete(built, tmp_path):
     """SIGKILL a worker actor's process mid-build: its shard is retried on a new actor."""
 
     config, _, output, _ = built
-    killed = pipeline_config(
-        tmp_path / "killed",
-        config.input.shards,
-        config.influence.model.checkpoint,
-        address=config.runtime.address,
-    )
+    killed = same_job(config, tmp_path / "killed")
     run_fit(killed)
     victims: list[int] = []
     before = set(worker_pids())
@@ -294,12 +299,7 @@ def test_a_worker_killed_mid_fit_gives_bit_identical_factors(built, tmp_path):
     the last bit (one tree order)."""
 
     config, _, output, _ = built
-    killed = pipeline_config(
-        tmp_path / "killed-fit",
-        config.input.shards,
-        config.influence.model.checkpoint,
-        address=config.runtime.address,
-    )
+    killed = same_job(config, tmp_path / "killed-fit")
     victims: list[int] = []
     before = set(worker_pids())
 

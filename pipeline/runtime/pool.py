@@ -89,6 +89,14 @@ class Outcome:
     restarts: int = 0
 
 
+@dataclass
+class _Hooks:
+    """What a run's caller wants to hear of failures (see `WorkerPool.run`)."""
+
+    on_failure: Callable[[Task, Exception], list[Task] | None] | None = None
+    on_give_up: Callable[[Task, str], list[Task] | None] | None = None
+
+
 class WorkerPool:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
@@ -144,10 +152,14 @@ class WorkerPool:
         tasks: list[Task],
         on_result: Callable[[Task, Any], list[Task] | None],
         on_failure: Callable[[Task, Exception], list[Task] | None] | None = None,
+        on_give_up: Callable[[Task, str], list[Task] | None] | None = None,
     ) -> Outcome:
         """Run every task somewhere; `on_result` is called on the driver as each finishes
         and may return further tasks to run. `on_failure` may replace a failed task by
-        others (e.g. its halves); when it returns None the task is retried as usual."""
+        others (e.g. its halves); when it returns None the task is retried as usual.
+        `on_give_up` hears of a task that failed its last attempt (also recorded in the
+        outcome) and may return further tasks."""
+        hooks = _Hooks(on_failure, on_give_up)
         queue, outcome = deque(tasks), Outcome()
         inflight: dict[ray.ObjectRef, tuple[int, Task, ray.ObjectRef | None]] = {}
         for slot in range(len(self.actors)):
@@ -158,9 +170,9 @@ class WorkerPool:
             try:
                 result = ray.get(ready[0])
             except RayActorError as error:
-                self._replace(slot, task, inflight, queue, outcome, error, on_failure)
+                self._replace(slot, task, inflight, queue, outcome, error, hooks)
             except RayError as error:
-                self._failed(task, queue, outcome, error, on_failure)
+                self._failed(task, queue, outcome, error, hooks)
             else:
                 outcome.completed += 1
                 more = on_result(task, result if large is None else (result, large))
@@ -181,10 +193,10 @@ class WorkerPool:
             inflight[small] = (slot, task, large)
             busy += 1
 
-    def _failed(self, task, queue, outcome, error, on_failure) -> None:
-        replacement = on_failure(task, error) if on_failure else None
+    def _failed(self, task, queue, outcome, error, hooks: _Hooks) -> None:
+        replacement = hooks.on_failure(task, error) if hooks.on_failure else None
         if replacement is None:
-            self._retry(task, queue, outcome, error)
+            self._retry(task, queue, outcome, error, hooks)
         else:
             log.warning(
                 "%s failed (%s); running it as %d parts",
@@ -194,21 +206,23 @@ class WorkerPool:
             )
             queue.extendleft(reversed(replacement))
 
-    def _replace(self, slot, task, inflight, queue, outcome, error, on_failure=None) -> None:
+    def _replace(self, slot, task, inflight, queue, outcome, error, hooks: _Hooks) -> None:
         """The actor died: start a new one; its running task counts an attempt, queued ones not."""
         log.warning("worker %d died on %s: %s; restarting it", slot, task.label, _summary(error))
         outcome.restarts += 1
         stranded = [ref for ref, (s, _, _) in inflight.items() if s == slot]
         for ref in stranded:
             queue.appendleft(inflight.pop(ref)[1])
-        self._failed(task, queue, outcome, error, on_failure)
+        self._failed(task, queue, outcome, error, hooks)
         self.actors[slot] = self._start()
 
-    def _retry(self, task: Task, queue: deque, outcome: Outcome, error: Exception) -> None:
+    def _retry(self, task: Task, queue: deque, outcome: Outcome, error, hooks: _Hooks) -> None:
         task.attempts += 1
         if task.attempts > self.runtime.max_retries:
             log.error("giving up on %s after %d attempts: %s", task.label, task.attempts, error)
             outcome.failures.append((task, _summary(error)))
+            if hooks.on_give_up:
+                queue.extend(hooks.on_give_up(task, _summary(error)) or ())
         else:
             log.warning(
                 "retrying %s (attempt %d): %s", task.label, task.attempts + 1, _summary(error)
