@@ -30,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.indexes
 
 from pipeline.config import ModelConfig
-from pipeline.dedup import DedupConfig, dedup_table, evaluate_duplicates, run_dedup
+from pipeline.dedup import DedupConfig, dedup_table, evaluate_duplicates, read_keep_list, run_dedup
 from pipeline.demo import DemoConfig, load_digits
+from pipeline.index.reader import Index
 from pipeline.influence.engine import InfluenceSSL
 from pipeline.models import build_encoder
 from pipeline.train import TrainConfig, train_ssl
@@ -73,7 +74,8 @@ def quality(uri: str, corpus) -> list[str]:
     for mode, taus in TAUS.items():
         for tau in taus:
             with contextlib.redirect_stdout(io.StringIO()):
-                table = run_dedup(DedupConfig(index=uri, mode=mode, tau=tau, refine=0))
+                run_dedup(DedupConfig(index=uri, mode=mode, tau=tau, refine=0))
+            table = read_keep_list(Index(uri), mode)
             both = evaluate_duplicates(table, corpus.truth)
             exact = evaluate_duplicates(table, corpus.exact)["pair_recall"]
             near = [evaluate_duplicates(table, g)["pair_recall"] for g in by_strength.values()]

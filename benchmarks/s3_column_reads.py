@@ -23,7 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.*
 
-from pipeline.index.layout import RANK
 from pipeline.rank import RankConfig, run_rank
 from pipeline.storage import S3Storage, open_storage
 from tests.indexes import write_synthetic_index
@@ -95,7 +94,7 @@ def report(
             "`rank` reads key, shard, self_influence, loss, cls and metadata of every part "
             "through `pyarrow.fs.S3FileSystem` (HEAD, footer by range, the column chunks by "
             "range, coalesced), never w or z; before, each part was downloaded whole "
-            f"(= {parts / total:.0%} of the index). The PUT of `{RANK}` is not counted "
+            f"(= {parts / total:.0%} of the index). The PUTs of `rank/` are not counted "
             "(request bodies are uploads). Most of what is read is the footer read: pyarrow "
             "reads the last 64 KiB of each part to find the footer, which is a smaller "
             "share of the larger parts of a real index.",

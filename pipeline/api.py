@@ -4,7 +4,7 @@
     >>> api.fit("s3://bucket/index", shards=["s3://bucket/shards/"], influence={...})
     >>> api.build("s3://bucket/index", shards=["s3://bucket/shards/"], influence={...})
     >>> hits = api.query("s3://bucket/index", images=["cat.jpg"], top=20)   # pyarrow Table
-    >>> keep = api.dedup("s3://bucket/index", tau=0.9)                       # keep/remove list
+    >>> summary = api.dedup("s3://bucket/index", tau=0.9)   # dedup.read_keep_list for the list
 
 Nested settings are dicts (`influence={"curvature": {"kind": "dense"}}`), as in the YAML file;
 each function returns what its verb writes (a summary dict, or a pyarrow Table).
@@ -46,7 +46,7 @@ def rank(index: str, **settings: Any):
 
 
 def dedup(index: str, **settings: Any):
-    """Duplicate groups and the keep/remove list."""
+    """Duplicate groups and the keep/remove list (written beside the index); the summary."""
     return _run("dedup", {"index": index, **settings})
 
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pipeline.config import PipelineConfig
 from pipeline.data import ReadStats, shard_id
 from pipeline.fit import Driver, totals
+from pipeline.index.keys import build_key_lookup
 from pipeline.index.layout import FACTORS, SUMMARY, marker_path, retry_path
 from pipeline.index.lease import hold_lease
 from pipeline.index.manifest import check_compatible, read_manifest, write_manifest
@@ -23,6 +24,7 @@ from pipeline.index.searchstore import build_search_index
 from pipeline.influence.reliability import describe as describe_reliability
 from pipeline.runtime.pool import Task, WorkerPool, connect
 from pipeline.runtime.progress import Progress
+from pipeline.runtime.search_service import cluster_map
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,9 @@ def build_under_lease(driver: Driver, config: PipelineConfig) -> dict:
     for line in describe_reliability(manifest.get("reliability") or {}):
         print(line, flush=True)
     if summary["examples"]:
-        build_search_index(Index(config.output), config.index.search)
+        build_key_lookup(Index(config.output))  # skipped when it covers the parts
+        search_map = cluster_map(config.runtime)  # shards built as Ray tasks
+        build_search_index(Index(config.output), config.index.search, map_fn=search_map)
     return summary
 
 

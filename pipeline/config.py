@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,14 @@ RENAMED = {
 }
 
 
+# Settings that no longer do anything: accepted (old manifests, old YAML) and ignored, with a note.
+IGNORED = {
+    ("SearchConfig", "max_shard_bytes"): (
+        "search shards are sized by vector count now (index.search.shard_rows)"
+    ),
+}
+
+
 def from_dict(cls: type, data: dict[str, Any], base: Any = None) -> Any:
     """Build dataclass `cls` from nested plain data; unknown keys are an error.
 
@@ -165,6 +174,7 @@ def from_dict(cls: type, data: dict[str, Any], base: Any = None) -> Any:
     """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = drop_ignored(cls, data)
     unknown = set(data) - names
     if unknown:
         hint = RENAMED.get((cls.__name__, min(unknown)), "")
@@ -174,6 +184,17 @@ def from_dict(cls: type, data: dict[str, Any], base: Any = None) -> Any:
         name: _coerce(hints[name], value, getattr(base, name, None)) for name, value in data.items()
     }
     return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def drop_ignored(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` without the IGNORED settings of `cls`, warning once per call for each."""
+    for key in [k for k in data if (cls.__name__, k) in IGNORED]:
+        warnings.warn(
+            f"{cls.__name__}.{key} is deprecated and ignored: {IGNORED[(cls.__name__, key)]}",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return {k: v for k, v in data.items() if (cls.__name__, k) not in IGNORED}
 
 
 def _default(cls: type) -> Any:
@@ -270,18 +291,23 @@ class SearchConfig:
     kind: str = "auto"  # auto (flat up to flat_max_rows, else ivfpq), flat, ivfpq, or none
     metric: str = "cosine"  # cosine (normalised influence) or inner_product (influence)
     flat_max_rows: int = 100_000
-    max_shard_bytes: int = 1 << 30  # float32 vectors per search shard: no machine holds all
+    # Vectors per search shard (whole parts each): a shard is built, and searched, as one unit.
+    shard_rows: int = 2_000_000
     train_rows: int = 200_000  # IVF-PQ is trained on a sample of at most this many vectors
     nlist: int = 0  # IVF lists; 0: about 4 sqrt(N)
-    m: int = 0  # PQ sub-quantisers; 0: the largest divisor of D <= 64
+    m: int = 0  # PQ sub-quantisers; 0: the largest divisor of the (reduced) D <= min(128, D/2)
     reduce_dim: int = 256  # IVF-PQ works on the top principal directions (0: all of D)
     seed: int = 0
+    gpu: bool = True  # search's coarse quantiser (and flat shards) on a GPU where FAISS has one
 
 
 @dataclass
 class IndexConfig:
     vector_dtype: str = "float32"  # "float32" or "float16" for the stored w
     store_representation: bool = True  # also store z(x) (float16) for the embedding baseline
+    # Metadata fields stored as columns `meta.<field>` for a fast `groups field=...`: None
+    # (auto) every top-level scalar field, up to 16 per shard; a list exactly these; [] none.
+    group_fields: list[str] | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
 
 

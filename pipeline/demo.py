@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -250,12 +249,15 @@ class Clock:
 
 
 def evaluate(config: DemoConfig, corpus: Corpus, index: str, clock: Clock) -> dict:
+    from pipeline.index.reader import Index
+    from pipeline.rank import read_rank_ends
+
     summary = json.loads((Path(index) / "stats" / "summary.json").read_text())
     truth = {k: s for k, s, kind in zip(corpus.keys, corpus.source, corpus.kinds, strict=True) if s}
     kinds = dict(zip(corpus.keys, corpus.kinds, strict=True))
-    ranked = pq.read_table(Path(index) / "rank" / "self_influence.parquet").column("key")
     window = 2 * config.outliers
-    top, bottom = ranked.to_pylist()[:window], ranked.to_pylist()[-window:]
+    ranked = read_rank_ends(Index(index), window).column("key").to_pylist()  # rank order
+    top, bottom = ranked[:window], ranked[-window:]
     atypical = embedding_outliers(index, window)
     return {
         "examples": summary["examples"],
@@ -294,7 +296,10 @@ def embedding_outliers(index: str, count: int, neighbours: int = 10) -> list[str
 def duplicates_found(index: str, mode: str, truth: dict[str, str], kinds: dict) -> dict:
     """Planted copies whose group also holds their original, and the removals that are not
     planted copies (false positives)."""
-    return copies_found(pq.read_table(Path(index) / "dedup" / f"{mode}.parquet"), truth, kinds)
+    from pipeline.dedup import read_keep_list
+    from pipeline.index.reader import Index
+
+    return copies_found(read_keep_list(Index(index), mode), truth, kinds)
 
 
 def copies_found(table, truth: dict[str, str], kinds: dict) -> dict:

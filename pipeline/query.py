@@ -6,11 +6,18 @@ model or projection that differs from the manifest's is refused, naming each dif
 Influence is <w_q, w_t>; retrieval ranks by normalised influence (cosine) by default and
 reports both. The stored search index is used when its metric matches the ranking asked for;
 otherwise an exact scan over the parts, one part at a time.
+
+Keys are found through the key lookup `build` writes (`keys/`, pipeline/index/keys.py), reading
+a few small objects whatever the index's size. Many images (`images_from`: a list file or a
+folder) are embedded in batches of `image_batch`: on Ray workers (the pool `build` uses) when a
+cluster is asked for (`runtime.address`, $RAY_ADDRESS as in a Ray job, or `runtime.num_workers`
+> 0), else in this process; both run `embed_image_files` on each batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from collections.abc import Callable
@@ -19,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import PipelineConfig, from_dict
+from pipeline.config import PipelineConfig, RuntimeConfig, from_dict
 from pipeline.data import ImageError, decode_image
+from pipeline.index.keys import lookup_rows
 from pipeline.index.layout import FACTORS, QUERY_DIR
 from pipeline.index.manifest import check_compatible, fingerprint
 from pipeline.index.reader import Index
@@ -36,9 +45,13 @@ from pipeline.index.searchstore import (
 from pipeline.influence.engine import InfluenceSSL
 from pipeline.models import model_identity
 from pipeline.refine import Refiner, rerank
-from pipeline.storage import read_uri
+from pipeline.storage import list_uri, read_uri, split_uri
 
 RESULTS = f"{QUERY_DIR}/results.parquet"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+SEARCH_CHUNK = 1024  # queries searched at once: bounds the [queries, part rows] score block
+PRINTED_QUERIES = 20  # the rest are in the results table
 
 
 @dataclass
@@ -46,6 +59,14 @@ class QueryConfig:
     index: str = "runs/index"  # the index URI (the `output` of fit/build)
     keys: list[str] = field(default_factory=list)  # query examples already in the index
     images: list[str] = field(default_factory=list)  # query images: local paths or URIs
+    # Many query images: a text file of paths/URIs (.txt/.lst/.list: one a line, blank lines
+    # and `#` comments skipped), or a folder or s3:// prefix (every image file under it,
+    # sorted by name). Added after `images`.
+    images_from: str | None = None
+    image_batch: int = 64  # images per embedding task
+    # Ray for image queries: used when `address` is set, $RAY_ADDRESS is (a Ray job), or
+    # `num_workers` > 0 (an embedded local Ray); otherwise everything runs in this process.
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     top: int = 10
     normalized: bool = True  # rank by cos(w_q, w_t) (True) or by <w_q, w_t>
     out: str | None = None  # also write the results here: .parquet, .csv or .json
@@ -70,25 +91,25 @@ class Queries:
     sources: list[str]  # "" for keys in the index, else the image's path or URI
     vectors: np.ndarray  # [Q, D]
     rows: list[int] = field(default_factory=list)  # global row of a key, -1 for an image
-    images: list[torch.Tensor | None] = field(default_factory=list)  # an image query's pixels
 
 
 def run_query(config: QueryConfig) -> pa.Table:
-    if not config.keys and not config.images:
+    if not config.keys and not config.images and not config.images_from:
         raise ValueError(
-            "no query: give keys with --set 'keys=[key1, key2]' or images with "
-            "--set 'images=[a.png, s3://bucket/b.jpg]'"
+            "no query: give keys with --set 'keys=[key1, key2]', images with "
+            "--set 'images=[a.png, s3://bucket/b.jpg]' or --set images_from=list.txt"
         )
-    if config.top < 1:
-        raise ValueError(f"top must be >= 1, got {config.top}")
+    if config.top < 1 or config.image_batch < 1:
+        raise ValueError(f"top and image_batch must be >= 1: {config.top}, {config.image_batch}")
     index = Index(config.index)
-    queries = stack(key_queries(index, config.keys), image_queries(index, config))
+    uris = image_uris(config)
+    queries = stack(key_queries(index, config.keys), image_queries(index, config, uris))
     candidates = max(config.top, config.refine_candidates) if config.refine else config.top
     find = finder(index, config, candidates)
     refined = refined_queries(index, queries, config) if config.refine else None
     tables = []
     for direction in ("proponent", "opponent"):
-        found = find(queries.vectors, direction == "opponent")
+        found = find_in_chunks(find, queries.vectors, direction == "opponent")
         if refined is None:
             tables.append(hits_table(index, queries, direction, found))
         else:
@@ -107,37 +128,102 @@ def run_query(config: QueryConfig) -> pa.Table:
 
 
 def key_queries(index: Index, keys: list[str]) -> Queries:
+    """Stored w of keys in the index, found through the key lookup (KeyError naming any
+    unknown key)."""
     if not keys:
         return Queries([], [], np.empty((0, index.dimension), np.float32))
-    table = index.table(["key"])
-    rows = rows_of(table, keys)
+    rows = lookup_rows(index, keys)
     vectors = index.vectors(index.take(rows, ["w"]))
-    return Queries(list(keys), [""] * len(keys), vectors, rows.tolist(), [None] * len(keys))
+    return Queries(list(keys), [""] * len(keys), vectors, rows.tolist())
 
 
-def rows_of(table: pa.Table, keys: list[str]) -> np.ndarray:
-    """Row of each key; an unknown key is a clear error naming it."""
-    position = {key: row for row, key in enumerate(table.column("key").to_pylist())}
-    missing = [key for key in keys if key not in position]
-    if missing:
-        raise KeyError(f"key(s) not in the index: {missing[:10]}")
-    return np.array([position[key] for key in keys], dtype=np.int64)
+def image_uris(config: QueryConfig) -> list[str]:
+    """`images`, then those `images_from` names: the lines of a list file, or the image
+    files under a folder or prefix."""
+    uris = [str(uri) for uri in config.images]
+    source = config.images_from
+    if not source:
+        return uris
+    if source.lower().endswith(LIST_SUFFIXES):
+        try:
+            lines = read_uri(source).decode("utf-8").splitlines()
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"images_from={source!r} cannot be read: {error}") from error
+        return uris + [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+    found = [u for u in list_uri(source.rstrip("/") + "/") if u.lower().endswith(IMAGE_SUFFIXES)]
+    if not found:
+        raise FileNotFoundError(
+            f"images_from={source!r}: no image files ({', '.join(IMAGE_SUFFIXES)}) under it; "
+            f"a list of URIs must end in {' or '.join(LIST_SUFFIXES)}"
+        )
+    return uris + found
 
 
-def image_queries(index: Index, config: QueryConfig) -> Queries:
-    if not config.images:
+def image_name(uri: str) -> str:
+    return os.path.basename(str(uri).rstrip("/")) or str(uri)
+
+
+def image_queries(index: Index, config: QueryConfig, uris: list[str]) -> Queries:
+    """w of query images with the index's model and factors, batch by batch: on Ray workers
+    when a cluster is asked for, else here. The settings are checked here first, either way."""
+    if not uris:
         return Queries([], [], np.empty((0, index.dimension), np.float32))
     engine, pipeline_config = engine_for(index, config.model, config.projection, config.device)
-    engine.use_views(query_views(config.views, pipeline_config))
-    side = pipeline_config.input.side or pipeline_config.influence.augment.size
-    channels = pipeline_config.influence.model.in_channels
-    images = [
-        load_query_image(uri, side, channels, pipeline_config.input.max_pixels)
-        for uri in config.images
+    views = query_views(config.views, pipeline_config)
+    step = config.image_batch
+    batches = [uris[start : start + step] for start in range(0, len(uris), step)]
+    if wants_ray(config.runtime):
+        w = embed_on_workers(index, config, pipeline_config, batches, views)
+    else:
+        w = np.concatenate([embed_image_files(engine, pipeline_config, b, views) for b in batches])
+    return Queries([image_name(u) for u in uris], list(uris), w, [-1] * len(uris))
+
+
+def embed_image_files(
+    engine: InfluenceSSL, config: PipelineConfig, uris: list[str], views: int
+) -> np.ndarray:
+    """w [len(uris), D] of the images at `uris`, decoded as `build` decodes, with `views`
+    views: one batch's work, the same in this process and on a worker (no Ray here)."""
+    side = config.input.side or config.influence.augment.size
+    channels = config.influence.model.in_channels
+    images = [load_query_image(u, side, channels, config.input.max_pixels) for u in uris]
+    engine.use_views(views)
+    return engine.embed(torch.stack(images), keys=[image_name(u) for u in uris]).numpy()
+
+
+def wants_ray(runtime: RuntimeConfig) -> bool:
+    return bool(runtime.address or os.environ.get("RAY_ADDRESS") or runtime.num_workers > 0)
+
+
+def embed_on_workers(
+    index: Index,
+    config: QueryConfig,
+    pipeline_config: PipelineConfig,
+    batches: list[list[str]],
+    views: int,
+) -> np.ndarray:
+    """The batches' w on Ray workers: the pool `build` uses (dynamic dispatch, retries, dead
+    workers replaced), factors put into the object store once, one task per batch."""
+    from pipeline.runtime.pool import Task, WorkerPool, connect  # Ray only on this path
+
+    connect(config.runtime)
+    pool = WorkerPool(
+        dataclasses.replace(pipeline_config, output=config.index, runtime=config.runtime)
+    )
+    done: dict[int, np.ndarray] = {}
+    tasks = [
+        Task("embed_images", (batch, views), f"query images {batch[0]} ...", context=number)
+        for number, batch in enumerate(batches)
     ]
-    names = [os.path.basename(str(uri).rstrip("/")) or str(uri) for uri in config.images]
-    w = engine.embed(torch.stack(images), keys=names).numpy()
-    return Queries(names, list(config.images), w, [-1] * len(images), images)
+    try:
+        pool.broadcast("load_factors", index.storage.read_bytes(FACTORS))
+        outcome = pool.run(tasks, lambda task, w: done.__setitem__(task.context, w))
+    finally:
+        pool.shutdown()
+    if outcome.failures:
+        failed = "; ".join(f"{task.label}: {error}" for task, error in outcome.failures[:5])
+        raise RuntimeError(f"{len(outcome.failures)} image batch(es) failed: {failed}")
+    return np.concatenate([done[number] for number in range(len(batches))]).astype(np.float32)
 
 
 def query_views(views: int, config: PipelineConfig) -> int:
@@ -196,7 +282,6 @@ def stack(*parts: Queries) -> Queries:
         [s for p in parts for s in p.sources],
         np.concatenate([p.vectors for p in parts]).astype(np.float32),
         [r for p in parts for r in p.rows],
-        [i for p in parts for i in p.images],
     )
 
 
@@ -217,6 +302,15 @@ def finder(index: Index, config: QueryConfig, top: int) -> Callable[[np.ndarray,
     )
 
 
+def find_in_chunks(find: Callable, vectors: np.ndarray, opponents: bool) -> tuple:
+    """`find` over at most SEARCH_CHUNK queries at a time (many image queries)."""
+    found = [
+        find(vectors[start : start + SEARCH_CHUNK], opponents)
+        for start in range(0, len(vectors), SEARCH_CHUNK)
+    ]
+    return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+
 # -- refinement ------------------------------------------------------------------------------
 
 
@@ -234,9 +328,10 @@ def refined_queries(index: Index, queries: Queries, config: QueryConfig) -> Refi
     keyed = [i for i, row in enumerate(queries.rows) if row >= 0]
     if keyed:
         vectors[keyed] = refiner.rows(np.array([queries.rows[i] for i in keyed]))[0]
-    pictured = [i for i, image in enumerate(queries.images) if image is not None]
-    if pictured:
-        images = torch.stack([queries.images[i] for i in pictured])
+    pictured = [i for i, row in enumerate(queries.rows) if row < 0]
+    if pictured:  # read again: pixels are not kept for every query image
+        sized = (refiner.side, refiner.channels, refiner.max_pixels)
+        images = torch.stack([load_query_image(queries.sources[i], *sized) for i in pictured])
         vectors[pictured] = refiner.embed_images(images, [queries.names[i] for i in pictured])
     return RefinedQueries(refiner, vectors)
 
@@ -332,25 +427,36 @@ def hint_refine(index: Index, config: QueryConfig) -> None:
 
 
 def print_results(results: pa.Table, names: list[str]) -> None:
-    rows = results.to_pylist()
-    for name in dict.fromkeys(names):
+    """The hits of the first PRINTED_QUERIES queries (all are in the results table)."""
+    shown = list(dict.fromkeys(names))[:PRINTED_QUERIES]
+    picked = results.filter(pc.is_in(results.column("query"), pa.array(shown)))
+    by_query: dict[tuple[str, str], list[dict]] = {}
+    for row in picked.to_pylist():
+        by_query.setdefault((row["query"], row["direction"]), []).append(row)
+    for name in shown:
         print(f"\nquery {name}:")
         for direction in ("proponent", "opponent"):
             print(f"  top {direction}s:  {'influence':>12}  {'cosine':>8}  key")
-            for row in rows:
-                if row["query"] == name and row["direction"] == direction:
-                    scores = f"{row['influence']:>12.5g}  {row['normalized_influence']:>8.4f}"
-                    print(f"  {row['rank']:>14}  {scores}  {row['key']}")
+            for row in by_query.get((name, direction), []):
+                scores = f"{row['influence']:>12.5g}  {row['normalized_influence']:>8.4f}"
+                print(f"  {row['rank']:>14}  {scores}  {row['key']}")
+    hidden = len(dict.fromkeys(names)) - len(shown)
+    if hidden:
+        print(f"\n... and {hidden:,} more queries (in the results table)")
 
 
 def write_results(results: pa.Table, out: str) -> None:
+    """The results as .parquet, .csv or .json at a path or s3:// URI (through Storage)."""
     suffix = Path(out).suffix.lower()
+    buffer = io.BytesIO()
     if suffix == ".parquet":
-        pq.write_table(results, out)
+        pq.write_table(results, buffer)
     elif suffix == ".csv":
-        pacsv.write_csv(results, out)
+        pacsv.write_csv(results, buffer)
     elif suffix == ".json":
-        Path(out).write_text(json.dumps(results.to_pylist(), indent=2))
+        buffer.write(json.dumps(results.to_pylist(), indent=2).encode())
     else:
         raise ValueError(f"--set out=... must end in .parquet, .csv or .json, not {out!r}")
-    print(f"written: {out}")
+    storage, name = split_uri(out)
+    storage.write_bytes(name, buffer.getvalue())
+    print(f"written: {storage.url(name)}")

@@ -6,9 +6,12 @@ It goes to `report/` inside the index by default, through the index's storage, s
 of an s3:// index lands on S3 and opens from anywhere that can read it.
 
 Sections: the summary (manifest and build statistics) always; then one per output that
-exists: queries (`query/results.parquet`), self-influence (`rank/...`), duplicates
-(`dedup/<mode>.parquet`) and groups (`groups/<field>.{stats,matrix}.parquet`). A file that
-lacks a column its section needs is a clear error; a missing file just omits its section.
+exists: queries (`query/results.parquet`), self-influence (`rank/summary.json` and the rank
+ends), duplicates (`dedup/<mode>/groups.parquet`, or an older `dedup/<mode>.parquet`) and
+groups (`groups/<field>.{stats,matrix}.parquet`). A file that lacks a column its section
+needs is a clear error; a missing file just omits its section. The report reads only what it
+shows (never every row of the index): the rank ends and summary, the shown duplicate
+groups' rows (row group by row group), the query results, the small group tables.
 Building is two-phase: sections read their data and declare the thumbnails they show, then
 they are read back for all of them (one ranged read per example where the parts record its
 byte span, else each shard streamed once), then the HTML is rendered. Every string from
@@ -23,6 +26,7 @@ import io
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,10 +49,13 @@ from pipeline.data.lookup import (
     spans_by_shard,
 )
 from pipeline.index.columnar import open_parquet
-from pipeline.index.layout import DEDUP_DIR, GROUPS_DIR, QUERY_DIR, RANK, REPORT_DIR
+from pipeline.index.layout import DEDUP_DIR, GROUPS_DIR, QUERY_DIR, REPORT_DIR
 from pipeline.index.reader import Index
+from pipeline.index.scan import iter_parts
 from pipeline.influence.reliability import CONSEQUENCE as RELIABILITY_CONSEQUENCE
 from pipeline.influence.reliability import LABELS as RELIABILITY_LABELS
+from pipeline.rank import LEGACY as LEGACY_RANK
+from pipeline.rank import read_rank_ends, read_rank_summary
 from pipeline.storage import Storage, open_storage, read_uri, safe_name
 
 log = logging.getLogger(__name__)
@@ -441,17 +448,31 @@ def query_section(index: Index, page: Page) -> list[Section]:
 
 def _query_shards(index: Index, rows: list[dict], keys: list[str]) -> dict[str, str]:
     """Shard of each query key: from the results (a query is often its own top proponent),
-    else one scan of the index's key and shard columns."""
+    else from the key index (build's `keys/`), else a scan of the parts' key column that
+    stops once all are found (a key in no part is not in the index)."""
     wanted = set(keys)
     found = {r["key"]: r["shard"] for r in rows if r["key"] in wanted}
     rest = [k for k in keys if k not in found]
     if rest:
-        table = index.table(["key", "shard"])
-        table = table.filter(pc.is_in(table.column("key"), pa.array(rest, pa.string())))
-        for key, shard in zip(
-            table.column("key").to_pylist(), table.column("shard").to_pylist(), strict=True
-        ):
+        found.update(_shards_by_key(index, rest))
+    return found
+
+
+def _shards_by_key(index: Index, keys: list[str]) -> dict[str, str]:
+    from pipeline.index.keys import lookup_rows
+
+    try:
+        shards = index.take(lookup_rows(index, keys), ["shard"]).column("shard").to_pylist()
+        return dict(zip(keys, shards, strict=True))
+    except KeyError:  # some key is in no part: find the others by one scan
+        pass
+    found, wanted = {}, pa.array(keys, pa.string())
+    for part in iter_parts(index, ["key", "shard"]):
+        table = part.table.filter(pc.is_in(part.table.column("key"), wanted))
+        for key, shard in zip(table["key"].to_pylist(), table["shard"].to_pylist(), strict=True):
             found.setdefault(key, shard)
+        if len(found) == len(keys):
+            break
     return found
 
 
@@ -497,29 +518,34 @@ def _query_block(
 
 
 def rank_section(index: Index, page: Page) -> list[Section]:
-    if not index.storage.exists(RANK):
-        return []
-    table = read_parquet(index.storage, RANK, RANK_COLUMNS, ["loss", "cls"])
-    table = table.take(pc.sort_indices(table, sort_keys=[("rank", "ascending")]))
-    values = table.column("self_influence").to_numpy(zero_copy_only=False).astype(np.float64)
-    plot = page.plot("self_influence", histogram(values))
-    count = min(page.config.extremes, table.num_rows)
+    summary = read_rank_summary(index)
+    if summary is None:
+        return _old_rank_section() if index.storage.exists(LEGACY_RANK) else []
+    table = read_rank_ends(index, page.config.extremes)
+    lacking = [c for c in RANK_COLUMNS if c not in table.column_names]
+    if lacking:
+        raise ValueError(f"the rank ends lack column(s) {lacking} needed by the report: rerun rank")
+    total = int(summary["rows"])
+    count = min(page.config.extremes, total)
+    rank = table.column("rank")
     ends = {
-        "highest": table.slice(0, count).to_pylist(),
-        "lowest": table.slice(table.num_rows - count, count).to_pylist()[::-1],
+        "highest": table.filter(pc.less(rank, count)).to_pylist(),
+        "lowest": table.filter(pc.greater_equal(rank, total - count)).to_pylist()[::-1],
     }
+    plot = page.plot("self_influence", histogram(summary.get("histogram") or {}))
     for rows in ends.values():
         for row in rows:
             row["file"] = page.thumb(row["key"], row["shard"])
+    quantiles = summary.get("quantiles") or {}
 
     def render() -> str:
-        finite = values[np.isfinite(values)]
+        note = " (from a sample)" if quantiles.get("from") == "sample" else ""
         stats = kv_table(
             [
-                ("examples", table.num_rows),
-                ("median", float(np.median(finite)) if finite.size else None),
-                ("p99", float(np.quantile(finite, 0.99)) if finite.size else None),
-                ("max", float(finite.max()) if finite.size else None),
+                ("examples", total),
+                (f"median{note}", quantiles.get("median")),
+                (f"p99{note}", quantiles.get("p99")),
+                (f"max{note}", quantiles.get("max")),
             ]
         )
         parts = [stats, f'<img class="plot" src="{esc(plot)}" alt="self-influence histogram">']
@@ -535,6 +561,13 @@ def rank_section(index: Index, page: Page) -> list[Section]:
     return [Section("self-influence", "Self-influence", render)]
 
 
+def _old_rank_section() -> list[Section]:
+    """A rank output from before partitions (one file of every row): not read, named."""
+    text = f'<p class="why">{esc(LEGACY_RANK)} predates the partitioned rank: rerun rank.</p>'
+    content = _wrap("self-influence", "Self-influence", text)
+    return [Section("self-influence", "Self-influence", lambda: content)]
+
+
 def _rank_caption(row: dict) -> list[str]:
     lines = [f"#{row['rank']}  s={num(row['self_influence'])}"]
     if row.get("loss") is not None:
@@ -544,25 +577,20 @@ def _rank_caption(row: dict) -> list[str]:
     return lines
 
 
-def _bins(count: int) -> int:
-    """About two bins per sqrt(examples), 10 to 80."""
-    return int(np.clip(2 * math.sqrt(count), 10, 80))
-
-
-def histogram(values: np.ndarray) -> Figure:
-    """Histogram of self-influence on a log x axis (non-positive values are counted aside)."""
+def histogram(counts: dict) -> Figure:
+    """Self-influence on a log x axis from rank's fixed histogram (its bins merged
+    to at most 80); non-positive values are counted aside."""
     figure = Figure(figsize=(7, 3))
     ax = figure.add_subplot()
-    values = values[np.isfinite(values)]
-    positive = values[values > 0]
-    if positive.size and positive.min() < positive.max():
-        bins = np.geomspace(positive.min(), positive.max(), _bins(positive.size) + 1)
-        ax.hist(positive, bins=bins, color="#4c72b0")
+    values = np.asarray(counts.get("counts") or [], np.int64)
+    if values.size:
+        merge = math.ceil(values.size / 80)
+        values = np.pad(values, (0, -values.size % merge)).reshape(-1, merge).sum(1)
+        steps = counts["first"] + merge * np.arange(values.size + 1)
+        ax.stairs(values, 10.0 ** (steps / counts["bins_per_decade"]), fill=True, color="#4c72b0")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
-    elif positive.size:
-        ax.hist(positive, bins=1, color="#4c72b0")
-    dropped = values.size - positive.size
+    dropped = int(counts.get("non_positive", 0))
     note = f" ({dropped} non-positive not shown)" if dropped else ""
     ax.set_xlabel(f"self-influence (log scale){note}")
     ax.set_ylabel("examples")
@@ -573,45 +601,105 @@ def histogram(values: np.ndarray) -> Figure:
 
 
 def dedup_sections(index: Index, page: Page) -> list[Section]:
-    names = [p for p in index.storage.list(f"{DEDUP_DIR}/") if p.endswith(".parquet")]
-    return [_dedup_section(index, page, path) for path in names]
+    """One section per dedup mode: its `<mode>/groups.parquet` (only grouped rows), else an
+    older `<mode>.parquet` (every row)."""
+    found: dict[str, str] = {}
+    for path in index.storage.list(f"{DEDUP_DIR}/"):
+        rest = path[len(DEDUP_DIR) + 1 :]
+        mode, _, name = rest.partition("/")
+        if name == "groups.parquet":
+            found[mode] = path
+        elif not name and rest.endswith(".parquet"):
+            found.setdefault(rest[: -len(".parquet")], path)
+    return [_dedup_section(index, page, mode, path) for mode, path in sorted(found.items())]
 
 
-def _dedup_section(index: Index, page: Page, path: str) -> Section:
-    mode = path[len(DEDUP_DIR) + 1 : -len(".parquet")]
-    table = read_parquet(index.storage, path, DEDUP_COLUMNS, ["kept_key"])
+@dataclass
+class DupGroups:
+    """What a dedup section shows, read row group by row group (memory: one row group)."""
+
+    rows: int = 0  # rows in the file
+    grouped: int = 0  # of them in a group
+    groups: int = 0  # group numbers seen (0..max)
+    reasons: Counter | None = None
+    sizes: Counter | None = None  # of the candidate groups (numbers below `shown`)
+    members: dict[int, list[dict]] | None = None  # their first members in display order
+
+
+def _member_order(row: dict) -> tuple:
+    return (not row["kept"], -(row["similarity"] or 0.0), row["key"])
+
+
+def read_dup_groups(storage: Storage, path: str, shown: int, per_group: int) -> DupGroups:
+    """Counts over the file, and the first `per_group` members (kept first, then by
+    similarity) of the groups numbered below `shown`: dedup numbers groups largest first, so
+    these are the largest."""
+    found = DupGroups(reasons=Counter(), sizes=Counter(), members={})
+    with open_parquet(storage, path) as file:
+        names = file.schema_arrow.names
+        lacking = [c for c in DEDUP_COLUMNS if c not in names]
+        if lacking:
+            raise ValueError(
+                f"{storage.url(path)} lacks column(s) {lacking} needed by the report "
+                f"(it has {names}); rerun the verb that wrote it"
+            )
+        columns = DEDUP_COLUMNS + [c for c in ("kept_key",) if c in names]
+        for g in range(file.num_row_groups):
+            table = file.read_row_group(g, ["group", "reason"])
+            group = pc.fill_null(table.column("group"), -1).to_numpy().astype(np.int64)
+            found.rows += len(group)
+            found.grouped += int((group >= 0).sum())
+            found.groups = max(found.groups, int(group.max(initial=-1)) + 1)
+            for item in pc.value_counts(table.column("reason")).to_pylist():
+                found.reasons[item["values"]] += item["counts"]
+            candidates = (group >= 0) & (group < shown)
+            if not candidates.any():
+                continue
+            found.sizes.update(group[candidates].tolist())
+            rows = file.read_row_group(g, columns).filter(pa.array(candidates)).to_pylist()
+            for row in rows:
+                found.members.setdefault(row["group"], []).append(row)
+            for members in found.members.values():
+                members.sort(key=_member_order)
+                del members[per_group:]
+    return found
+
+
+def _dedup_section(index: Index, page: Page, mode: str, path: str) -> Section:
+    config = page.config
+    found = read_dup_groups(index.storage, path, config.dup_groups, config.dup_members)
     summary = _summary_json(index.storage, f"{DEDUP_DIR}/{mode}.summary.json")
-    rows = [r for r in table.to_pylist() if r["group"] is not None and r["group"] >= 0]
-    members: dict[int, list[dict]] = {}
-    for row in rows:
-        members.setdefault(row["group"], []).append(row)
-    order = sorted(members, key=lambda g: (-len(members[g]), g))
-    shown = order[: page.config.dup_groups]
-    for group in shown:
-        members[group].sort(key=lambda r: (not r["kept"], -(r["similarity"] or 0.0), r["key"]))
-        for row in members[group][: page.config.dup_members]:
+    facts = dict(summary)
+    examples = facts.get("examples") if path.endswith("/groups.parquet") else found.rows
+    examples = examples if isinstance(examples, int) else found.rows
+    if examples > found.rows:  # the groups file lists grouped rows only: the rest are unique
+        found.reasons["unique"] += examples - found.rows
+    groups = facts.get("groups") if isinstance(facts.get("groups"), int) else found.groups
+    order = sorted(found.sizes, key=lambda g: (-found.sizes[g], g))[: config.dup_groups]
+    for group in order:
+        for row in found.members[group]:
             row["file"] = page.thumb(row["key"], row["shard"])
-    reasons = pc.value_counts(table.column("reason")).to_pylist()
     section_id = f"dedup-{safe_name(mode)}"
     title = f"Duplicates: {mode}"
 
     def render() -> str:
-        counts = [("examples", table.num_rows), ("duplicate groups", len(members))]
-        counts += [(f"reason: {c['values']}", c["counts"]) for c in reasons]
+        counts = [("examples", examples), ("duplicate groups", groups)]
+        counts += [(f"reason: {r}", c) for r, c in sorted(found.reasons.items(), key=str)]
         parts = ["<h3>Counts</h3>", kv_table(counts)]
         if summary:
             parts += ["<h3>Summary</h3>", kv_table(summary)]
         parts.append(
-            f"<h3>Largest groups (kept member outlined in green; {len(shown)} of {len(order)})</h3>"
+            f"<h3>Largest groups (kept member outlined in green; {len(order)} of {groups})</h3>"
         )
-        for group in shown:
-            parts.append(_dup_group(page, group, members[group]))
+        for group in order:
+            parts.append(_dup_group(page, group, found.members[group], found.sizes[group]))
         return _wrap(section_id, title, "".join(parts))
 
     return Section(section_id, title, render)
 
 
-def _dup_group(page: Page, group: int, rows: list[dict]) -> str:
+def _dup_group(page: Page, group: int, rows: list[dict], size: int) -> str:
+    """The group's first members (`rows`, in display order) of its `size`."""
     limit = page.config.dup_members
     tiles = "".join(
         page.tile(
@@ -622,8 +710,8 @@ def _dup_group(page: Page, group: int, rows: list[dict]) -> str:
         )
         for r in rows[:limit]
     )
-    more = f"<p>+{len(rows) - limit} more</p>" if len(rows) > limit else ""
-    block = labelled(f"group {group}: {len(rows)} examples", tiles)
+    more = f"<p>+{size - limit} more</p>" if size > limit else ""
+    block = labelled(f"group {group}: {size} examples", tiles)
     return f'<div class="dupgroup">{block}{more}</div>'
 
 

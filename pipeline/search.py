@@ -15,6 +15,10 @@ Opponents (most negative influence) are a search with ``-queries``: see ``search
 
 Serialized layout (``to_bytes``): ``MAGIC`` (8 bytes) | header length (uint64 LE) | JSON header
 | FAISS bytes (``faiss.serialize_index``). Never pickled.
+
+The stored, sharded index (`pipeline.index.searchstore`) reuses the pieces: `second_moment`
+and `principal_map` (chunked, float16 input), `reduced`, `train_ivfpq`, and `rerank` over rows
+from any `fetch` (its memory-mapped float16 blocks).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
@@ -200,9 +205,9 @@ def default_nlist(n: int) -> int:
     return max(1, min(round(4 * math.sqrt(n)), n // 39))
 
 
-def default_m(d: int) -> int:
-    """Largest divisor of D that is <= 64 with D / m >= 2 (1 when none exists)."""
-    return next((m for m in range(min(MAX_PQ_M, d // 2), 0, -1) if d % m == 0), 1)
+def default_m(d: int, max_m: int = MAX_PQ_M) -> int:
+    """Largest divisor of D that is <= `max_m` with D / m >= 2 (1 when none exists)."""
+    return next((m for m in range(min(max_m, d // 2), 0, -1) if d % m == 0), 1)
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
@@ -241,15 +246,9 @@ def _train_ivfpq(
     m = default_m(d) if m is None else m
     if not 1 <= nlist <= n:
         raise ValueError(f"nlist must be in [1, N={n}], got {nlist}")
-    if m < 1 or d % m:
-        raise ValueError(f"m={m} must be a positive divisor of D={d}")
     if n < 1 << PQ_BITS:
         raise ValueError(f"ivfpq needs at least {1 << PQ_BITS} vectors to train, got {n}")
-    quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFPQ(quantizer, d, nlist, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = seed
-    index.pq.cp.seed = seed
-    index.train(sample)
+    index = train_ivfpq(sample, nlist, m, seed)
     if reduce is None:
         return index
     wrapped = faiss.IndexPreTransform(reduce, index)
@@ -261,16 +260,62 @@ def _train_ivfpq(
 
 def _principal_map(x: np.ndarray, dim: int) -> faiss.LinearTransform:
     """y = U^T x with U the top `dim` eigenvectors of the uncentred second moment of x."""
+    return principal_map(second_moment(x, normalized=False), dim)
+
+
+def prepared(x: np.ndarray, normalized: bool) -> np.ndarray:
+    """Rows as contiguous float32, unit length when `normalized` (float16 input is fine)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return l2_normalize(x) if normalized else x
+
+
+def second_moment(x: np.ndarray, normalized: bool, chunk: int = 8192) -> np.ndarray:
+    """(1/N) sum x x^T of the (optionally normalised) rows of `x` [N, D], in float64; the rows
+    are converted a chunk at a time, so a float16 `x` is never copied whole to float32."""
     moment = np.zeros((x.shape[1], x.shape[1]), np.float64)
-    for lo in range(0, len(x), 8192):  # float32 products, float64 sums: bounded memory
-        chunk = x[lo : lo + 8192]
-        moment += chunk.T @ chunk
-    _, vectors = np.linalg.eigh(moment / len(x))
+    for lo in range(0, len(x), chunk):  # float32 products, float64 sums: bounded memory
+        rows = prepared(x[lo : lo + chunk], normalized)
+        moment += rows.T @ rows
+    return moment / max(1, len(x))
+
+
+def principal_map(moment: np.ndarray, dim: int) -> faiss.LinearTransform:
+    """y = U^T x, U the top `dim` eigenvectors of a second moment [D, D]."""
+    _, vectors = np.linalg.eigh(moment)
     top = np.ascontiguousarray(vectors[:, ::-1][:, :dim].T, dtype=np.float32)  # [dim, D]
-    transform = faiss.LinearTransform(x.shape[1], dim, False)
+    transform = faiss.LinearTransform(moment.shape[0], dim, False)
     faiss.copy_array_to_vector(top.ravel(), transform.A)
     transform.is_trained = True
     return transform
+
+
+def reduced(
+    x: np.ndarray, normalized: bool, transform: faiss.LinearTransform | None, chunk: int = 8192
+) -> np.ndarray:
+    """Rows prepared (`prepared`) and mapped by `transform` (None: as they are), a chunk at
+    a time: float32 [N, transform's output dimension]."""
+    if transform is None:
+        return prepared(x, normalized)
+    out = np.empty((len(x), transform.d_out), np.float32)
+    for lo in range(0, len(x), chunk):
+        out[lo : lo + chunk] = transform.apply(prepared(x[lo : lo + chunk], normalized))
+    return out
+
+
+def train_ivfpq(x: np.ndarray, nlist: int, m: int, seed: int) -> faiss.IndexIVFPQ:
+    """An empty IVF-PQ index (inner product, 8-bit codes) trained on float32 rows `x`."""
+    n, d = x.shape
+    if n < 1 << PQ_BITS:
+        raise ValueError(f"ivfpq needs at least {1 << PQ_BITS} vectors to train, got {n}")
+    if not 1 <= nlist <= n:
+        raise ValueError(f"nlist must be in [1, N={n}], got {nlist}")
+    if m < 1 or d % m:
+        raise ValueError(f"m={m} must be a positive divisor of D={d}")
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, PQ_BITS, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    index.pq.cp.seed = seed
+    index.train(x)
+    return index
 
 
 def _finish(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -282,25 +327,43 @@ def _finish(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def _rerank(
     q: np.ndarray, ids: np.ndarray, exact: np.ndarray, k: int, normalized: bool
 ) -> tuple[np.ndarray, np.ndarray]:
+    return rerank(q, ids, lambda rows: exact[rows].astype(np.float32), k, normalized)
+
+
+def rerank(
+    q: np.ndarray,
+    ids: np.ndarray,
+    fetch: Callable[[np.ndarray], np.ndarray],
+    k: int,
+    normalized: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of each query's candidate `ids` [Q, C] (-1: none) by exact inner product
+    (cosine if `normalized`) with the rows `fetch(ids [n]) -> float32 [n, D]` returns.
+    Returns (scores [Q, k], ids [Q, k]), best first; missing: id -1, score -inf."""
     out_s = np.empty((len(q), k), dtype=np.float32)
     out_i = np.empty((len(q), k), dtype=np.int64)
     # Queries per step so the gathered candidate rows stay within _RERANK_BYTES.
     step = max(1, min(_RERANK_CHUNK, _RERANK_BYTES // max(1, 4 * ids.shape[1] * q.shape[1])))
     for lo in range(0, len(q), step):
         sl = slice(lo, lo + step)
-        out_s[sl], out_i[sl] = _rerank_chunk(q[sl], ids[sl], exact, k, normalized)
+        out_s[sl], out_i[sl] = _rerank_chunk(q[sl], ids[sl], fetch, k, normalized)
     return out_s, out_i
 
 
 def _rerank_chunk(
-    q: np.ndarray, ids: np.ndarray, exact: np.ndarray, k: int, normalized: bool
+    q: np.ndarray,
+    ids: np.ndarray,
+    fetch: Callable[[np.ndarray], np.ndarray],
+    k: int,
+    normalized: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     valid = ids >= 0
-    rows = exact[np.where(valid, ids, 0)].astype(np.float32)  # [Q, C, D]
-    if normalized:
-        norms = np.linalg.norm(rows, axis=2, keepdims=True)
-        rows /= np.where(norms > 0, norms, 1)
-    scores = np.where(valid, np.einsum("qcd,qd->qc", rows, q), -np.inf)
+    rows = fetch(np.where(valid, ids, 0).reshape(-1)).reshape(*ids.shape, -1)  # [Q, C, D]
+    scores = np.matmul(rows, q[:, :, None])[..., 0]  # batched BLAS, not a Python-speed einsum
+    if normalized:  # divide the scores, never the [Q, C, D] rows
+        norms = np.sqrt(np.einsum("qcd,qcd->qc", rows, rows))
+        scores /= np.where(norms > 0, norms, 1)
+    scores = np.where(valid, scores, -np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     top_ids = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(ids, order, 1), -1)
     return np.take_along_axis(scores, order, 1), top_ids

@@ -15,7 +15,6 @@ import pytest
 
 import pipeline.index.parts as parts_module
 from pipeline.index.columnar import read_columns
-from pipeline.index.layout import RANK
 from pipeline.index.parts import ROW_GROUP_ROWS, part_table, row_group_rows, table_bytes
 from pipeline.index.reader import Index
 from pipeline.rank import RankConfig, run_rank
@@ -72,7 +71,7 @@ def test_parts_are_written_in_row_groups(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_outputs_are_written_in_row_groups(tmp_path) -> None:
     uri = write_synthetic_index(str(tmp_path / "index"), parts=3, rows=3000, dimension=8)
     run_rank(RankConfig(index=uri, top=2))
-    ranked = open_storage(uri).read_bytes(RANK)
+    ranked = open_storage(uri).read_bytes("rank/sorted/part-00000.parquet")  # one partition
     assert row_groups(ranked) == [4096, 4096, 808]
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.config import load_config
+from pipeline.dedup import read_dedup_groups
 from pipeline.demo import DemoConfig, run_demo
+from pipeline.index.reader import Index
 
 
 class Images(HTMLParser):
@@ -43,7 +45,7 @@ def test_short_demo_finds_every_exact_copy_and_writes_the_report(ray_session, tm
     for ranking in ("top_self_influence", "bottom_self_influence", "top_embedding_knn_distance"):
         assert 0 <= findings[f"outliers_in_{ranking}"] <= 4
     index = tmp_path / "index"
-    influence = pq.read_table(index / "dedup" / "influence.parquet").to_pylist()
+    influence = read_dedup_groups(Index(str(index)), "influence").to_pylist()
     removed = [row for row in influence if not row["kept"]]
     assert removed and all(row["group"] >= 0 for row in removed)
     assert json.loads((tmp_path / "summary.json").read_text()) == findings

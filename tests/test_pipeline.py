@@ -348,12 +348,13 @@ def test_rank_orders_the_index_by_self_influence(built, capsys):
     """`influence-ssl rank` on the built index: every example once, descending, written."""
     from pipeline.cli import main
     from pipeline.index.reader import Index
+    from pipeline.rank import read_ranked
 
     _, _, output, _ = built
     assert main(["rank", "--out", str(output), "--set", "top=3"]) == 0
     printed = capsys.readouterr().out
     assert "highest self-influence" in printed and "240 examples ranked" in printed
-    ranked = pq.read_table(os.path.join(output, "rank", "self_influence.parquet"))
+    ranked = read_ranked(Index(str(output)))
     scores = ranked.column("self_influence").to_numpy()
     assert ranked.num_rows == 240 and sorted(ranked.column("key").to_pylist()) == [
         f"d{i:04d}" for i in range(240)
@@ -481,6 +482,82 @@ def test_query_by_image_file_computes_w_with_the_manifest_settings(built, digits
         run_query(QueryConfig(index=str(tmp_path / "empty"), keys=["d0005"]))
 
 
+def test_build_writes_the_key_lookup_and_skips_it_when_current(built):
+    from pipeline.index.keys import KEYS_MANIFEST, lookup_rows
+    from pipeline.index.reader import Index
+
+    config, _, output, _ = built
+    storage = open_storage(str(output))
+    written = json.loads(storage.read_bytes(KEYS_MANIFEST))
+    manifest, table = read_index(output)
+    assert written["keys"] == 240 and written["duplicate_keys"] == 0
+    assert [p["part"] for p in written["parts_covered"]] == [s["part"] for s in manifest["shards"]]
+    keys = table.column("key").to_pylist()
+    assert lookup_rows(Index(str(output)), keys[::-1]).tolist() == list(range(239, -1, -1))
+    files = {name: storage.read_bytes(name) for name in storage.list("keys/")}
+    run_build(config)  # nothing to do: the lookup is current and not rewritten
+    assert {name: storage.read_bytes(name) for name in storage.list("keys/")} == files
+    storage.delete(KEYS_MANIFEST)
+    run_build(config)  # missing: written again, the same
+    assert json.loads(storage.read_bytes(KEYS_MANIFEST))["generation"] == written["generation"]
+    assert set(storage.list("keys/")) == set(files)
+
+
+def test_query_by_key_reads_the_key_lookup_not_every_key(built, monkeypatch):
+    import pipeline.index.keys as keys_module
+    from pipeline.index.reader import Index
+    from pipeline.query import QueryConfig, run_query
+
+    _, _, output, _ = built
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read every key")
+
+    monkeypatch.setattr(keys_module, "scan_parts", refuse)
+    monkeypatch.setattr(Index, "table", refuse)
+    results = run_query(QueryConfig(index=str(output), keys=["d0200", "d0005"], top=2, save=False))
+    proponents = [r for r in results.to_pylist() if r["direction"] == "proponent"]
+    assert [r["key"] for r in proponents if r["rank"] == 0] == ["d0200", "d0005"]
+    with pytest.raises(KeyError, match="no-such-key"):
+        run_query(QueryConfig(index=str(output), keys=["d0005", "no-such-key"]))
+
+
+def test_query_many_images_on_ray_gives_the_in_process_results(built, digits, tmp_path):
+    from pipeline.query import QueryConfig, run_query
+
+    config, _, output, _ = built
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    for i in (3, 61, 130, 199, 222):
+        (folder / f"q{i:04d}.png").write_bytes(png_bytes(digits[i]))
+    (folder / "notes.md").write_text("not a query")  # only image files are taken
+    listed = tmp_path / "queries.txt"
+    listed.write_text("# five digits\n" + "".join(f"{p}\n" for p in sorted(folder.glob("*.png"))))
+    query = QueryConfig(index=str(output), images_from=str(folder), top=4, views=4, image_batch=2)
+    here = run_query(dataclasses.replace(query, out=str(tmp_path / "here.parquet")))
+    ray_runtime = RuntimeConfig(num_workers=2, cpus_per_worker=1, address=config.runtime.address)
+    with pytest.MonkeyPatch.context() as patch:  # the driver embeds nothing: the workers do
+        patch.setattr("pipeline.query.embed_image_files", None)
+        on_ray = run_query(dataclasses.replace(query, images_from=str(listed), runtime=ray_runtime))
+    assert on_ray.num_rows == here.num_rows == 5 * 2 * 4
+    for column in ("query", "query_source", "direction", "rank", "key"):
+        assert on_ray.column(column).equals(here.column(column)), column
+    for column in ("influence", "normalized_influence"):
+        np.testing.assert_allclose(on_ray.column(column), here.column(column), rtol=1e-4, atol=1e-6)
+    # Views common to all examples: each digit's own row is its top proponent, cos 1.
+    first = [r for r in on_ray.to_pylist() if r["direction"] == "proponent" and r["rank"] == 0]
+    assert [r["key"] for r in first] == ["d0003", "d0061", "d0130", "d0199", "d0222"]
+    assert pq.read_table(tmp_path / "here.parquet").equals(here)
+    kept = pq.read_table(os.path.join(output, "query", "results.parquet"))
+    assert kept.column("key").equals(on_ray.column("key"))
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"{sorted(folder.glob('*.png'))[0]}\n{folder / 'notes.md'}\n")
+    with pytest.raises(RuntimeError, match="not a usable image"):
+        run_query(dataclasses.replace(query, images_from=str(bad), runtime=ray_runtime))
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        run_query(dataclasses.replace(query, images_from=str(tmp_path / "nothing")))
+
+
 def test_a_failing_shard_leaves_no_reader_threads_behind(built, digits):
     """A compute error mid-shard (the pool then retries it): the shard's reader is closed."""
     from pipeline.config import to_dict
@@ -509,8 +586,8 @@ def test_python_api_mirrors_the_verbs(built):
     _, _, output, _ = built
     by_api = api.query(str(output), keys=["d0005"], top=3, save=False)
     assert by_api.equals(run_query(QueryConfig(index=str(output), keys=["d0005"], top=3)))
-    ranked = api.rank(str(output), top=1)
-    assert ranked.num_rows == 240
+    ends = api.rank(str(output), top=1, top_k=5)  # the top and bottom rows, with rank
+    assert ends.column("rank").to_pylist() == [*range(5), *range(235, 240)]
     with pytest.raises(ValueError, match="unknown setting"):
         api.rank(str(output), topp=1)
 

@@ -354,14 +354,13 @@ def copy_index(source: str, target: str, stripped: str | None) -> str:
 
 
 def test_report_thumbnails_by_range(s3_index, s3_endpoint, monkeypatch):
-    from pipeline.index.layout import RANK
     from pipeline.index.reader import Index
-    from pipeline.rank import rank_table
+    from pipeline.rank import RankConfig, run_rank
     from pipeline.report import ReportConfig, run_report
 
     output, _, images = s3_index
     index = Index(output)
-    index.write_table(RANK, rank_table(index))
+    run_rank(RankConfig(output, top=0))
     with CountingProxy(s3_endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint_url)
         url = run_report(ReportConfig(output, thumb_size=56, extremes=2))

@@ -28,9 +28,9 @@ from pipeline.data.lookup import (
     read_images,
     thumbnails,
 )
-from pipeline.index.layout import DEDUP_DIR, GROUPS_DIR, RANK
+from pipeline.index.layout import DEDUP_DIR, GROUPS_DIR
 from pipeline.index.reader import Index
-from pipeline.rank import rank_table
+from pipeline.rank import RankConfig, read_ranked, run_rank
 from pipeline.report import QUERY_RESULTS, ReportConfig, run_report
 from pipeline.storage import S3Storage, open_storage
 from tests.indexes import small_engine, write_index
@@ -82,9 +82,9 @@ def make_index(root: str, corpus, engine) -> tuple[Index, list[str]]:
 
 
 def write_rank(index: Index) -> pa.Table:
-    ranked = rank_table(index)
-    index.write_table(RANK, ranked)
-    return ranked
+    """The real `rank` verb's output (small partitions, so the ends span several); every row."""
+    run_rank(RankConfig(index.storage.uri, top=0, top_k=4, partition_rows=16))
+    return read_ranked(index)
 
 
 def write_queries(index: Index, engine, query_image: torch.Tensor, query_path: str) -> pa.Table:
@@ -384,3 +384,54 @@ def test_report_of_an_s3_index(s3_endpoint, corpus, engine):
         digit = uint8(images[keys.index(tile["alt"])])
         assert np.array_equal(png(storage, tile["src"])[::2, ::2], digit)
     assert "missing" not in {c for t in page.images for c in t["figure"].split()}
+
+
+def test_report_reads_only_what_it_shows(tmp_path, corpus, engine, monkeypatch):
+    """Dedup's groups file (grouped rows only), a query key that is not among its own results
+    (its shard looked up), the rank ends: and never a whole-index table."""
+    images, keys, _ = corpus
+    index, _ = make_index(str(tmp_path), corpus, engine)
+    ranked = write_rank(index)
+    full = write_dedup(index)
+    index.storage.delete(f"{DEDUP_DIR}/exact.parquet")
+    grouped = full.filter(pc.greater_equal(full.column("group"), 0))
+    grouped = grouped.sort_by([("group", "ascending"), ("kept", "descending")])
+    index.write_table(f"{DEDUP_DIR}/exact/groups.parquet", grouped)
+    summary = {"mode": "exact", "examples": 60, "groups": 1}  # as dedup writes it
+    index.storage.write_bytes(f"{DEDUP_DIR}/exact.summary.json", json.dumps(summary).encode())
+    shard = {k: s for k, s in zip(full["key"].to_pylist(), full["shard"].to_pylist(), strict=True)}
+    results = pa.Table.from_pylist(
+        [
+            {"query": "d0033", "direction": d, "rank": 0, "key": k, "shard": shard[k],
+             "influence": 1.0, "normalized_influence": 0.5}
+            for d, k in (("proponent", "d0034"), ("opponent", "d0002"))
+        ]
+    )  # fmt: skip
+    index.write_table(QUERY_RESULTS, results)
+
+    def whole(*_, **__):
+        raise AssertionError("the report read a whole-index table")
+
+    monkeypatch.setattr(Index, "table", whole)
+    config = ReportConfig(index.storage.uri, out=str(tmp_path / "r"), thumb_size=THUMB, extremes=3)
+    text, page, storage = read_report(run_report(config))
+    assert page.sections == ["summary", "queries", "self-influence", "dedup-exact"]
+    assert [t["alt"] for t in tiles(page, "queries")] == ["d0033", "d0034", "d0002"]
+    dup = tiles(page, "dedup-exact")
+    assert [(t["alt"], "kept" in t["figure"]) for t in dup] == [(DUP_OF, True), (EVIL, False)]
+    assert "reason: unique" in text and ">58<" in text  # 60 examples (summary), 2 grouped
+    top = ranked.column("key").to_pylist()
+    assert [t["alt"] for t in tiles(page, "self-influence")] == top[:3] + top[::-1][:3]
+    for tile in tiles(page, "queries") + tiles(page, "self-influence"):
+        digit = uint8(images[keys.index(tile["alt"])])
+        assert np.array_equal(png(storage, tile["src"])[::2, ::2], digit)
+
+
+def test_rank_output_of_an_older_version_is_named_not_read(tmp_path, corpus, engine):
+    index, _ = make_index(str(tmp_path), corpus, engine)
+    index.storage.write_bytes("rank/self_influence.parquet", b"not read")
+    text, page, _ = read_report(
+        run_report(ReportConfig(index.storage.uri, out=str(tmp_path / "r")))
+    )
+    assert page.sections == ["summary", "self-influence"]
+    assert "predates the partitioned rank: rerun rank" in text

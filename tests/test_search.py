@@ -174,6 +174,7 @@ def test_errors(digits):
 
 def test_default_m():
     assert [default_m(d) for d in (64, 128, 256, 96, 7, 1)] == [32, 64, 64, 48, 1, 1]
+    assert [default_m(d, 128) for d in (256, 512, 1024, 96)] == [128, 128, 128, 48]
 
 
 def test_ivfpq_on_principal_directions_round_trips_and_reranks_exactly(digits, queries):
@@ -191,3 +192,38 @@ def test_ivfpq_on_principal_directions_round_trips_and_reranks_exactly(digits, q
     )
     _, before = idx.search(queries, K, exact_vectors=x, candidates=200, nprobe=16)
     np.testing.assert_array_equal(ids, before)  # the serialized index finds the same rows
+
+
+def test_chunked_principal_map_matches_the_whole_sample(digits):
+    from pipeline.search import principal_map, reduced, second_moment
+
+    x, _ = digits
+    x16 = x[:1000].astype(np.float16)  # as a float16 part stores w
+    whole = second_moment(x16.astype(np.float32), normalized=True, chunk=10_000)
+    np.testing.assert_allclose(second_moment(x16, True, chunk=77), whole, rtol=1e-4, atol=1e-7)
+    transform = principal_map(whole, 8)
+    small = reduced(x16, normalized=True, transform=transform, chunk=77)
+    expected = transform.apply(unit(x16.astype(np.float32)).astype(np.float32))
+    np.testing.assert_allclose(small, expected, rtol=1e-5, atol=1e-6)
+    assert reduced(x16, normalized=False, transform=None).dtype == np.float32
+
+
+def test_rerank_takes_rows_from_a_fetch_function(digits, queries):
+    from pipeline.search import rerank
+
+    x, _ = digits
+    ids = np.tile(np.arange(0, 400, 2), (len(queries), 1))
+    ids[:, -5:] = -1  # missing candidates
+    fetched = []
+
+    def fetch(rows: np.ndarray) -> np.ndarray:
+        fetched.append(len(rows))
+        return x[rows].astype(np.float32)
+
+    scores, top = rerank(queries, ids, fetch, K, normalized=False)
+    exact = queries @ x[ids[0, :-5]].T
+    expected = ids[0, :-5][np.argsort(-exact, axis=1, kind="stable")[:, :K]]
+    np.testing.assert_array_equal(top, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, np.argsort(-exact, 1)[:, :K], 1),
+                               rtol=1e-5)  # fmt: skip
+    assert sum(fetched) == ids.size

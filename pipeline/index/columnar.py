@@ -36,6 +36,27 @@ def read_columns(storage: Storage, path: str, columns: list[str] | None = None) 
         return file.read(checked(file, columns, storage.url(path)))
 
 
+def row_group_sizes(storage: Storage, path: str) -> list[int]:
+    """Rows in each row group of the object, from its footer alone."""
+    with open_parquet(storage, path) as file:
+        return [file.metadata.row_group(g).num_rows for g in range(file.num_row_groups)]
+
+
+def read_row_groups(
+    storage: Storage, path: str, groups: list[int], columns: list[str] | None = None
+) -> pa.Table:
+    """The given row groups (in the given order) of the object: the footer, then only those
+    groups' chunks of `columns` (None: all)."""
+    with open_parquet(storage, path) as file:
+        columns = checked(file, columns, storage.url(path))
+        bad = [g for g in groups if not 0 <= g < file.num_row_groups]
+        if bad:
+            raise IndexError(
+                f"row groups {bad} out of range [0, {file.num_row_groups}) in {storage.url(path)}"
+            )
+        return file.read_row_groups(list(groups), columns)
+
+
 def read_rows(
     storage: Storage, path: str, rows: np.ndarray, columns: list[str] | None = None
 ) -> pa.Table:

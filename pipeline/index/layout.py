@@ -24,8 +24,11 @@ def retry_path(shard_id: str) -> str:
 
 # Outputs of the offline verbs, beside the parts (SPEC section 4).
 SEARCH_DIR = "search"  # search/manifest.json + search/shard-00000.faiss ...
-RANK = "rank/self_influence.parquet"
-DEDUP_DIR = "dedup"  # dedup/<mode>.parquet (keep/remove list) + dedup/<mode>.summary.json
+KEYS_DIR = "keys"  # keys/manifest.json + keys/<generation>-bucket-00000.parquet ...
+RANK_DIR = "rank"  # rank/summary.json, rank/top.parquet, rank/sorted/part-00000.parquet ...
+# dedup/<mode>/list/<part>.parquet (keep/remove list), dedup/<mode>/groups.parquet, edges/,
+# dedup/<mode>.summary.json
+DEDUP_DIR = "dedup"
 GROUPS_DIR = "groups"  # groups/<field>.stats.parquet, .share.parquet, .matrix.parquet
 QUERY_DIR = "query"  # query/results.parquet (the last `query` asked to keep its results)
 REPORT_DIR = "report"  # report/index.html + report/*.png

@@ -36,7 +36,9 @@ class Index:
         round trips)."""
         paths = [s["part"] for s in self.manifest["shards"]]
         with ThreadPoolExecutor(max(1, min(PARALLEL_PARTS, len(paths)))) as pool:
-            return pa.concat_tables(list(pool.map(lambda p: self.read_part(p, columns), paths)))
+            tables = list(pool.map(lambda p: self.read_part(p, columns), paths))
+        # Parts may differ in their `meta.*` group columns (parts.py): missing ones are null.
+        return pa.concat_tables(tables, promote_options="default")
 
     def read_part(self, path: str, columns: list[str] | None = None) -> pa.Table:
         """One part's `columns` (None: all), fetching only those columns' bytes."""
@@ -62,7 +64,7 @@ class Index:
             order.append(wanted)
         if not pieces:
             return read_rows(self.storage, self.manifest["shards"][0]["part"], rows, columns)
-        combined = pa.concat_tables(pieces)
+        combined = pa.concat_tables(pieces, promote_options="default")  # meta.* may differ
         return combined.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
     def columns(self) -> set[str]:

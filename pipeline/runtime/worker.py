@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, PipelineConfig, from_dict
@@ -160,6 +161,17 @@ class ShardWorker:
                 self.engine.use_views(views, 0)
         return measure_reliability(w_a, w_b, views)
 
+    def embed_images(self, uris: list[str], views: int) -> np.ndarray:
+        """w [len(uris), D] of query images with `views` views (`query` over many images:
+        the same function as in-process queries)."""
+        from pipeline.query import embed_image_files  # query code, imported where used
+
+        with self.compute:
+            try:
+                return embed_image_files(self.engine, self.config, uris, views)
+            finally:
+                self.engine.use_views(self.config.influence.loss.num_views, 0)
+
     def build_shard(self, url: str) -> dict:
         """Embed every example of a shard; publish its part, then its marker."""
         read = ReadStats()
@@ -177,7 +189,9 @@ class ShardWorker:
             samples.close()
         check_stream(url, read)
         z_dim = self.engine.encoder.out_dim if self.store_z else None
-        table = rows.table(url, self.engine.dimension, self.config.index.vector_dtype, z_dim)
+        settings = self.config.index
+        dimension = self.engine.dimension
+        table = rows.table(url, dimension, settings.vector_dtype, z_dim, settings.group_fields)
         record = {
             "shard": url,
             "shard_id": shard_id(url),
@@ -278,7 +292,14 @@ class Rows:
         if z is not None:
             self.z.append(z.float().cpu())
 
-    def table(self, url: str, dimension: int, vector_dtype: str, z_dim: int | None = None):
+    def table(
+        self,
+        url: str,
+        dimension: int,
+        vector_dtype: str,
+        z_dim: int | None = None,
+        group_fields: list[str] | None = None,
+    ):
         w = torch.cat(self.w) if self.w else torch.empty(0, dimension)
         loss = torch.cat(self.loss) if self.loss else torch.empty(0)
         # An empty shard's part keeps the z column, so every part has one schema.
@@ -295,6 +316,7 @@ class Rows:
             pixel_hashes=self.pixel_hashes,
             z=z.numpy() if z is not None else None,
             tar_spans=(self.tar_offsets, self.tar_sizes),
+            group_fields=group_fields,
         )
 
 
