@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -162,7 +161,7 @@ def run_verb(verb: str, root: str, dimension: int) -> dict:
     if verb == "keys":
         from pipeline.index.keys import build_key_lookup
 
-        return {"buckets": len(build_key_lookup(Index(root))["buckets"])}
+        return {"buckets": build_key_lookup(Index(root))["buckets"]}
     if verb == "query":
         from pipeline.query import QueryConfig, run_query
 
@@ -227,11 +226,19 @@ def latency(root: str, dimension: int) -> dict:
     }
 
 
+def peak_rss_mib() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage: Linux carries ru_maxrss over
+    fork and exec, so a child would report at least its parent's size at the fork."""
+    with open("/proc/self/status") as status:
+        line = next(x for x in status if x.startswith("VmHWM:"))
+    return round(int(line.split()[1]) / 1024)
+
+
 def child(verb: str, root: str, dimension: int) -> None:
     started = time.perf_counter()
     found = run_verb(verb, root, dimension)
     found["seconds"] = round(time.perf_counter() - started, 2)
-    found["max_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    found["max_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps(found), flush=True)
 
 

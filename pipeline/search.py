@@ -39,8 +39,8 @@ AUTO_FLAT_MAX_N = 100_000
 MAX_PQ_M = 64
 PQ_BITS = 8
 _MAX_HEADER = 1 << 16
-_RERANK_CHUNK = 256
-_RERANK_BYTES = 256 << 20
+_RERANK_CHUNK = 2048
+_RERANK_BYTES = 128 << 20
 # PQ codes of high-dimensional whitened vectors rank neighbours coarsely: re-ranking 100 k
 # candidates exactly brings recall@10 to ~1 at a few ms per query (benchmarks/search_latency.py).
 CANDIDATES_PER_RESULT = 100

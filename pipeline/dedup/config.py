@@ -31,7 +31,9 @@ class DedupConfig:
     top: int = 10  # largest groups to print
     # The search: near-duplicates are each other's nearest neighbours, so few IVF lists and
     # few candidates re-ranked suffice (the stored search index's own nprobe is for queries).
-    nprobe: int = 8  # IVF lists probed per query (IVF-PQ search indexes)
+    # 4 lists found every edge 8 did on a 50,000-row batch at 10^6 (2 found all, 1 lost 0.4%),
+    # in 0.74x the time (benchmarks/results/scale.md).
+    nprobe: int = 4  # IVF lists probed per query (IVF-PQ search indexes)
     candidates: int = 0  # approximate hits re-ranked exactly per query; 0: k + 1
     chunk: int = 50_000  # rows per edge batch (whole consecutive parts): one task's queries
     flat_max_rows: int = 20_000  # in-memory `dedup_table` only: exact search up to this many

@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import threading
 import time
@@ -827,6 +828,9 @@ def preassigned_search(ivf: faiss.IndexIVFPQ, plan: dict, c: int) -> tuple[np.nd
     return distances, labels
 
 
+RESIDENT_BYTES = 256 << 20
+
+
 class BlockReader:
     """A shard's float16 blocks, memory-mapped for one search call and dropped after it: the
     pages a call touched leave this process's resident set when it ends."""
@@ -835,6 +839,7 @@ class BlockReader:
         self.store, self.shard = store, shard
         self.rows = int(store.manifest["vector_block_rows"])
         self.maps: dict[int, np.ndarray] = {}
+        self.touched = 0  # float16 bytes gathered since the mappings' pages were dropped
 
     def __enter__(self) -> BlockReader:
         return self
@@ -848,6 +853,14 @@ class BlockReader:
         for block in np.unique(block_of):
             where = np.flatnonzero(block_of == block)
             out[where] = self.block(int(block))[ids[where] - block * self.rows]
+        # Touched pages of a live mapping count as this process's memory: drop them from it
+        # (they stay in the page cache) every RESIDENT_BYTES gathered, so a dedup batch that
+        # touches every row stays bounded, without refaulting pages on every gather.
+        self.touched += out.nbytes // 2
+        if self.touched > RESIDENT_BYTES:
+            for mapped in self.maps.values():
+                mapped._mmap.madvise(mmap.MADV_DONTNEED)
+            self.touched = 0
         return out
 
     def block(self, number: int) -> np.ndarray:
