@@ -41,6 +41,7 @@ PQ_BITS = 8
 _MAX_HEADER = 1 << 16
 _RERANK_CHUNK = 2048
 _RERANK_BYTES = 128 << 20
+RERANK_ROWS = 4096
 # PQ codes of high-dimensional whitened vectors rank neighbours coarsely: re-ranking 100 k
 # candidates exactly brings recall@10 to ~1 at a few ms per query (benchmarks/search_latency.py).
 CANDIDATES_PER_RESULT = 100
@@ -343,7 +344,10 @@ def rerank(
     out_s = np.empty((len(q), k), dtype=np.float32)
     out_i = np.empty((len(q), k), dtype=np.int64)
     # Queries per step so the gathered candidate rows stay within _RERANK_BYTES.
-    step = max(1, min(_RERANK_CHUNK, _RERANK_BYTES // max(1, 4 * ids.shape[1] * q.shape[1])))
+    # and at most RERANK_ROWS rows gathered at once.
+    per_query = max(1, ids.shape[1])
+    step = max(1, min(_RERANK_CHUNK, _RERANK_BYTES // (4 * per_query * q.shape[1])))
+    step = max(1, min(step, RERANK_ROWS // per_query))
     for lo in range(0, len(q), step):
         sl = slice(lo, lo + step)
         out_s[sl], out_i[sl] = _rerank_chunk(q[sl], ids[sl], fetch, k, normalized)
