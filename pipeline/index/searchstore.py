@@ -25,10 +25,11 @@ a query's top-k is the merge of each shard's re-ranked top-k. Shards are built i
 Searching (`SearchStore`): the principal map and the coarse quantiser run once per query
 batch; every shard then scans the same lists (`search_preassigned`), in parallel threads, its
 inverted lists memory-mapped from the `.faiss` file (FAISS's own format, IO_FLAG_MMAP), and
-re-ranks its candidates exactly against its float16 blocks, memory-mapped per call so resident
-memory does not grow with the rows touched over many calls. On S3, files are first copied to
-a local cache named by their sha256 (`cache_path`); every file is checked against the sha256
-in the manifest before FAISS reads it (a download, or a local file on first load).
+re-ranks its candidates exactly against its float16 blocks, the candidate rows read with pread
+(not a memory map: see BlockReader), so resident memory does not grow with the rows touched.
+On S3, files are first copied to a local cache named by their sha256 (`cache_path`); every
+file is checked against the sha256 in the manifest before FAISS reads it (a download, or a
+local file on first load).
 """
 
 from __future__ import annotations
