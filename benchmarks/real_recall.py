@@ -121,6 +121,7 @@ def build_index(folder: Path, rows: int, workers: int) -> tuple[str, dict]:
 
 def probe(index_uri: str, queries: int, seed: int = 1) -> dict:
     import faiss
+    from scale import timed_searches  # benchmarks/ is on the path when run as a script
 
     from pipeline.index.reader import Index
     from pipeline.index.searchstore import SearchStore, brute_force_top_k
@@ -132,15 +133,9 @@ def probe(index_uri: str, queries: int, seed: int = 1) -> dict:
     n = int(index.offsets()[-1])
     rows = np.sort(np.random.default_rng(seed).choice(n, queries, replace=False))
     w = index.vectors(index.take(rows, ["w"]))
-    store.search(w[:1], 11)
-    seconds, found = [], []
-    for q in w:
-        started = time.perf_counter()
-        _, hits = store.search(q[None], 11)
-        seconds.append(time.perf_counter() - started)
-        found.append(hits[0])
+    seconds, found = timed_searches(store, w, 11)
     _, exact = brute_force_top_k(index, w, 11, normalized=store.normalized)
-    approx = without_self(np.stack(found), rows)
+    approx = without_self(found, rows)
     truth = without_self(exact, rows)
     return {
         "rows": n,

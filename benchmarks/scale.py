@@ -211,18 +211,12 @@ def latency(root: str, dimension: int) -> dict:
     index = Index(root)
     store = SearchStore(index)
     queries, _ = Rows(dimension).vectors(np.random.default_rng(999), LATENCY_QUERIES)
-    store.search(queries[:1], 10)  # load the shared parts once
-    seconds, found = [], []
-    for q in queries:
-        started = time.perf_counter()
-        _, rows = store.search(q[None], 10)
-        seconds.append(time.perf_counter() - started)
-        found.append(rows[0])
+    seconds, found = timed_searches(store, queries, 10)
     _, exact = brute_force_top_k(index, queries, 10, normalized=store.normalized)
     return {
         "median_ms": round(1000 * float(np.median(seconds)), 2),
         "p90_ms": round(1000 * float(np.percentile(seconds, 90)), 2),
-        "recall_at_10": round(recall_at_k(np.stack(found), exact), 4),
+        "recall_at_10": round(recall_at_k(found, exact), 4),
     }
 
 
@@ -232,6 +226,18 @@ def peak_rss_mib() -> int:
     with open("/proc/self/status") as status:
         line = next(x for x in status if x.startswith("VmHWM:"))
     return round(int(line.split()[1]) / 1024)
+
+
+def timed_searches(store, queries: np.ndarray, k: int) -> tuple[list[float], np.ndarray]:
+    """Each query searched alone (after one warm-up search): seconds per query, rows [Q, k]."""
+    store.search(queries[:1], k)  # load the shared parts once
+    seconds, found = [], []
+    for q in queries:
+        started = time.perf_counter()
+        _, rows = store.search(q[None], k)
+        seconds.append(time.perf_counter() - started)
+        found.append(rows[0])
+    return seconds, np.stack(found)
 
 
 def child(verb: str, root: str, dimension: int) -> None:
