@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.config import PipelineConfig
 from pipeline.data import ReadStats, shard_id
+from pipeline.errors import UserError
 from pipeline.fit import Driver, totals
 from pipeline.index.keys import build_key_lookup
 from pipeline.index.layout import FACTORS, SUMMARY, marker_path, retry_path
@@ -25,22 +26,34 @@ from pipeline.influence.reliability import describe as describe_reliability
 from pipeline.runtime.pool import Task, WorkerPool, connect
 from pipeline.runtime.progress import Progress
 from pipeline.runtime.search_service import cluster_map
+from pipeline.storage import open_storage
 
 log = logging.getLogger(__name__)
 
 
+class NotFittedError(UserError, FileNotFoundError):
+    """`build` into an output that `fit` has not written factors to."""
+
+
 def run_build(config: PipelineConfig) -> dict:
+    # Checked before the model is built or the lease taken: a build before fit writes nothing.
+    require_factors(read_manifest(open_storage(config.output)), config.output)
     driver = Driver(config)
     with hold_lease(driver.output, "build", config.force):  # one writer per output
         return build_under_lease(driver, config)
 
 
-def build_under_lease(driver: Driver, config: PipelineConfig) -> dict:
-    manifest = read_manifest(driver.output)
+def require_factors(manifest: dict | None, output: str) -> dict:
     if manifest is None or not manifest.get("factors"):
-        raise FileNotFoundError(
-            f"no fitted factors under {driver.output.uri}: run `influence-ssl fit` first"
+        raise NotFittedError(
+            f"no fitted factors under {output}: `build` embeds with the factors `fit` writes; "
+            f"run `influence-ssl fit --out {output} --shards ...` first (same settings)"
         )
+    return manifest
+
+
+def build_under_lease(driver: Driver, config: PipelineConfig) -> dict:
+    manifest = require_factors(read_manifest(driver.output), driver.output.uri)
     check_compatible(manifest, driver.fingerprint, "build into this index")
     shards = list(dict.fromkeys(driver.shards))
     listed = set(driver.output.list("markers/"))  # one listing, not a request per shard

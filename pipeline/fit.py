@@ -30,6 +30,7 @@ from pipeline.index.manifest import (
 from pipeline.influence.engine import InfluenceSSL
 from pipeline.influence.reliability import describe as describe_reliability
 from pipeline.influence.statistics import Statistics
+from pipeline.influence.tracker import coverage_warning
 from pipeline.models import model_identity
 from pipeline.runtime.pool import Task, WorkerPool, connect
 from pipeline.runtime.progress import Progress
@@ -84,6 +85,8 @@ def fit_under_lease(driver: Driver, config: PipelineConfig) -> dict:
             )
         clear_index(driver.output)
 
+    coverage = driver.engine.tracker.coverage()
+    warn_if_untracked(coverage)  # before the passes: a fit is long, a wrong layer set is not
     sample = sample_shards(driver.shards, config.fit)
     connect(config.runtime)
     pool = WorkerPool(config)
@@ -104,6 +107,7 @@ def fit_under_lease(driver: Driver, config: PipelineConfig) -> dict:
         **fitted,
     }
     manifest["reliability"] = reliability
+    manifest.update(coverage)  # tracked_layers, skipped_layers, layer_parameters
     write_manifest(driver.output, manifest)
     print(
         f"fitted {driver.engine.curvature.kind} factors on {fitted['examples']:,} examples "
@@ -142,6 +146,13 @@ def warn_if_short(examples: int, engine: InfluenceSSL) -> None:
             "curvature.",
             flush=True,
         )
+
+
+def warn_if_untracked(coverage: dict) -> None:
+    """Log when a large share of the encoder's weights is outside w (see the manifest)."""
+    message = coverage_warning(coverage)
+    if message:
+        log.warning(message)
 
 
 def fit_passes(engine: InfluenceSSL, pool: WorkerPool, sample: list[str]) -> dict:

@@ -1,5 +1,9 @@
 """`groups`: how influence is distributed across groups named in the metadata (or `cls`).
 
+The field: `field=` names it; by default `cls` where the index has it, else the metadata
+field of the first part with the most distinct values within 2..max_groups (printed). A
+field no row has is refused, listing the fields the first part has.
+
 Per group (`groups/<field>.stats.parquet`): count and share of the corpus; self-influence
 mean and max (exact), median and p90 (exact for a group of at most RESERVOIR = 100,000 rows,
 else of a seeded uniform sample of 100,000 of its rows); mean loss; and the group's share of
@@ -29,6 +33,8 @@ Streaming, part by part, in memory bounded by one part and the groups, never by 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import math
 import os
@@ -40,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
 from pipeline.index.columnar import open_parquet, read_rows
 from pipeline.index.layout import GROUPS_DIR
 from pipeline.index.parts import META_PREFIX, group_value, stored_meta_fields, vectors
@@ -55,12 +62,19 @@ RESERVOIR = 100_000  # values per group kept for the median and p90 (400 kB each
 MAX_DISTINCT = 1_000_000  # distinct values counted in pass 1 (an id-like field is refused)
 CHUNK_ROWS = 4096  # rows of w summed at a time in float64
 BINS = 1 << 16
+FIELD_SAMPLE_ROWS = 10_000  # rows of the first part whose values describe its fields
+
+
+class GroupsError(UserError, ValueError):
+    """A field to group by that the index does not have, or settings out of range."""
 
 
 @dataclass
 class GroupsConfig:
     index: str = "runs/index"  # the index URI (the `output` of fit/build)
-    field: str = "cls"  # a metadata field name, or "cls"
+    # A metadata field name, or "cls". None: `cls` where the index has it, else the first
+    # part's metadata field with the most distinct values in 2..max_groups (printed).
+    field: str | None = None
     top_fraction: float = 0.01  # "top-influence examples": this fraction by self-influence
     max_groups: int = 50  # the most frequent groups; the rest are lumped as OTHER
     sample: int = 0  # rows for the matrix: 0 all (exact, O(N D)); else a seeded sample
@@ -70,9 +84,9 @@ class GroupsConfig:
 
 def check_config(config: GroupsConfig) -> None:
     if not 0 < config.top_fraction <= 1:
-        raise ValueError(f"top_fraction must lie in (0, 1], got {config.top_fraction}")
+        raise GroupsError(f"top_fraction must lie in (0, 1], got {config.top_fraction}")
     if config.max_groups < 1 or config.sample < 0:
-        raise ValueError("max_groups must be >= 1 and sample >= 0")
+        raise GroupsError("max_groups must be >= 1 and sample >= 0")
 
 
 # -- group labels ------------------------------------------------------------------------
@@ -289,9 +303,9 @@ def count_labels(
         for item in pc.value_counts(labels.drop_null()).to_pylist():
             counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
         if len(counts) > MAX_DISTINCT:
-            raise ValueError(
+            raise GroupsError(
                 f"{config.field!r} has more than {MAX_DISTINCT:,} distinct values: groups are "
-                "for fields with few values (a class, a source, a split)"
+                "for fields with few values (a class, a source, a split); choose another field"
             )
         high += np.bincount(order_key(s.to_numpy()) >> 16, minlength=BINS)
     return counts, missing, high
@@ -362,6 +376,85 @@ def accumulate_sums(
     return sums, unit_sums, counts, top_counts
 
 
+# -- which field ------------------------------------------------------------------------------
+
+
+def first_part_fields(index: Index) -> dict[str, tuple[int, int]]:
+    """{field: (distinct values, rows with a value)} among the first part's first
+    FIELD_SAMPLE_ROWS rows, for `cls` and every metadata field there (its `meta.*` columns,
+    or its JSON for an older part); (0, 0) for a field seen but not stored as a column."""
+    with open_parquet(index.storage, index.manifest["shards"][0]["part"]) as file:
+        names = file.schema_arrow.names
+        meta = [n for n in names if n.startswith(META_PREFIX)]
+        record = stored_meta_fields(file.schema_arrow)
+        columns = ["cls"] + (meta if record is not None else ["metadata"])
+        table = file.read([c for c in columns if c in names]).slice(0, FIELD_SAMPLE_ROWS)
+    found = {}
+    for name in table.column_names:
+        if name == "metadata":
+            found.update(json_fields(table.column(name).to_pylist()))
+            continue
+        values = table.column(name).drop_null()
+        if len(values):
+            found[name.removeprefix(META_PREFIX)] = (len(pc.unique(values)), len(values))
+    if record is not None and record[1] is not None:  # fields seen but not stored as columns
+        found.update({name: (0, 0) for name in record[1] if name not in found})
+    return found
+
+
+def json_fields(texts: list[str | None]) -> dict[str, tuple[int, int]]:
+    values: dict[str, list[str]] = {}
+    for text in texts:
+        for name, value in (json.loads(text) if text else {}).items():
+            if value is not None:
+                values.setdefault(name, []).append(json.dumps(value, sort_keys=True))
+    return {name: (len(set(seen)), len(seen)) for name, seen in values.items()}
+
+
+def choose_field(fields: dict[str, tuple[int, int]], max_groups: int) -> str | None:
+    """`cls` if present, else the field with the most distinct values in 2..max_groups and
+    fewer than its rows (an id has one per row, a constant one), else any field with values."""
+    if fields.get("cls", (0, 0))[0]:
+        return "cls"
+    fitting = [n for n, (d, rows) in fields.items() if 2 <= d <= max_groups and d < rows]
+    if fitting:
+        return max(sorted(fitting), key=lambda n: fields[n][0])
+    present = sorted((d >= rows > 1, n) for n, (d, rows) in fields.items() if d)  # ids last
+    return present[0][1] if present else None
+
+
+def resolve_field(index: Index, config: GroupsConfig) -> GroupsConfig:
+    """`config` with its field chosen (and printed) when not given."""
+    if config.field is not None:
+        return config
+    fields = first_part_fields(index)
+    chosen = choose_field(fields, config.max_groups)
+    if chosen is None:
+        raise GroupsError(
+            f"nothing to group by at {index.storage.uri}: no row has `cls` and the first "
+            "part has no metadata field; write shards with a .cls or .json per sample"
+        )
+    if chosen != "cls":
+        others = ", ".join(sorted(set(fields) - {chosen})) or "none"
+        print(
+            f"groups: the index has no `cls`; grouping by {chosen!r} ({fields[chosen][0]} value(s) "
+            f"in the first part; other fields: {others}); set field=... to choose"
+        )
+    return dataclasses.replace(config, field=chosen)
+
+
+def missing_field(index: Index, field: str) -> GroupsError:
+    """The error for a field no row has: the fields there are, the closest first."""
+    fields = sorted(first_part_fields(index))
+    close = difflib.get_close_matches(field, fields, n=1)
+    guess = f" (did you mean {close[0]!r}?)" if close else ""
+    listed = ", ".join(fields) if fields else "none"
+    return GroupsError(
+        f"no row of the index at {index.storage.uri} has the field {field!r}{guess}; the "
+        f"first part has: {listed}; set field=<one of them>"
+    )
+
+
 # -- the verb -----------------------------------------------------------------------------
 
 
@@ -369,14 +462,13 @@ def run_groups(config: GroupsConfig) -> tuple[pa.Table, pa.Table]:
     """Statistics and the group-by-group matrix over `config.field`; written and printed."""
     check_config(config)
     index = Index(config.index)
+    config = resolve_field(index, config)
     total = int(index.offsets()[-1])
     with tempfile.TemporaryDirectory(prefix="influence-ssl-groups-") as folder:
         spill = Spill(folder)
         counts, missing, high = count_labels(index, config, spill)
         if not counts:
-            raise ValueError(
-                f"no row of the index at {index.storage.uri} has the field {config.field!r}"
-            )
+            raise missing_field(index, config.field)
         groups = Groups.from_counts(counts, missing, config.max_groups)
         top_count = max(1, math.ceil(config.top_fraction * total))
         high_bin, above = select(high, top_count)

@@ -8,7 +8,9 @@ reports both. The stored search index is used when its metric matches the rankin
 otherwise an exact scan over the parts, one part at a time.
 
 Keys are found through the key lookup `build` writes (`keys/`, pipeline/index/keys.py), reading
-a few small objects whatever the index's size. Many images (`images_from`: a list file or a
+a few small objects whatever the index's size; `keys_file` adds a text file of keys. A key's
+own row (cos 1 with itself) is left out of its results unless `include_self`; an unknown key
+is refused with the closest keys found near it. Many images (`images_from`: a list file or a
 folder) are embedded in batches of `image_batch`: on Ray workers (the pool `build` uses) when a
 cluster is asked for (`runtime.address`, $RAY_ADDRESS as in a Ray job, or `runtime.num_workers`
 > 0), else in this process; both run `embed_image_files` on each batch.
@@ -17,6 +19,7 @@ cluster is asked for (`runtime.address`, $RAY_ADDRESS as in a Ray job, or `runti
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import io
 import json
 import os
@@ -31,9 +34,19 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import PipelineConfig, RuntimeConfig, from_dict
+from pipeline.config import PipelineConfig, RuntimeConfig, SettingError, from_dict
 from pipeline.data import ImageError, decode_image
-from pipeline.index.keys import lookup_rows
+from pipeline.errors import UserError
+from pipeline.index.columnar import open_parquet
+from pipeline.index.keys import (
+    bucket_of,
+    bucket_path,
+    is_current,
+    lookup_rows,
+    lookup_stored,
+    read_key_manifest,
+    scan_parts,
+)
 from pipeline.index.layout import FACTORS, QUERY_DIR
 from pipeline.index.manifest import check_compatible, fingerprint
 from pipeline.index.reader import Index
@@ -52,12 +65,30 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 SEARCH_CHUNK = 1024  # queries searched at once: bounds the [queries, part rows] score block
 PRINTED_QUERIES = 20  # the rest are in the results table
+SUGGESTED_KEYS = 3  # closest keys named for an unknown key
+SUGGESTION_POOL = 50_000  # keys of the first part compared with an unknown one (difflib)
+
+
+class UnknownKeyError(UserError, KeyError):
+    """A query key that is not in the index."""
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the whole message
+        return str(self.args[0])
+
+
+class QueryImageError(UserError, ValueError):
+    """A query image that cannot be decoded."""
 
 
 @dataclass
 class QueryConfig:
     index: str = "runs/index"  # the index URI (the `output` of fit/build)
-    keys: list[str] = field(default_factory=list)  # query examples already in the index
+    # Query examples already in the index: `keys=a,b`, `keys=a` or `keys='[a, b]'`.
+    keys: list[str] = field(default_factory=list)
+    # More keys: a text file (path or URI), one key a line; blank lines and `#` lines skipped.
+    keys_file: str | None = None
+    # A key's own row is its top proponent (cos 1): left out of its results unless true.
+    include_self: bool = False
     images: list[str] = field(default_factory=list)  # query images: local paths or URIs
     # Many query images: a text file of paths/URIs (.txt/.lst/.list: one a line, blank lines
     # and `#` comments skipped), or a folder or s3:// prefix (every image file under it,
@@ -94,28 +125,34 @@ class Queries:
 
 
 def run_query(config: QueryConfig) -> pa.Table:
-    if not config.keys and not config.images and not config.images_from:
-        raise ValueError(
-            "no query: give keys with --set 'keys=[key1, key2]', images with "
-            "--set 'images=[a.png, s3://bucket/b.jpg]' or --set images_from=list.txt"
+    if not config.keys and not config.keys_file and not config.images and not config.images_from:
+        raise SettingError(
+            "no query: give keys with --set keys=key1,key2 (or keys_file=keys.txt), images "
+            "with --set images=a.png,s3://bucket/b.jpg or --set images_from=list.txt"
         )
     if config.top < 1 or config.image_batch < 1:
-        raise ValueError(f"top and image_batch must be >= 1: {config.top}, {config.image_batch}")
+        raise SettingError(f"top and image_batch must be >= 1: {config.top}, {config.image_batch}")
     index = Index(config.index)
     uris = image_uris(config)
-    queries = stack(key_queries(index, config.keys), image_queries(index, config, uris))
+    keys = query_keys(config)
+    queries = stack(key_queries(index, keys), image_queries(index, config, uris))
     candidates = max(config.top, config.refine_candidates) if config.refine else config.top
-    find = finder(index, config, candidates)
+    drop_self = not config.include_self and any(row >= 0 for row in queries.rows)
+    find = finder(index, config, candidates + int(drop_self))  # one more: the key's own row
     refined = refined_queries(index, queries, config) if config.refine else None
     tables = []
     for direction in ("proponent", "opponent"):
         found = find_in_chunks(find, queries.vectors, direction == "opponent")
+        if drop_self:
+            found = without_self(found, queries.rows, candidates)
         if refined is None:
             tables.append(hits_table(index, queries, direction, found))
         else:
             tables.append(refined_hits(refined, queries, direction, found, config))
     results = pa.concat_tables(tables)
     print_results(results, queries.names)
+    if drop_self:
+        print("\n(each key's own row is left out of its results; include_self=true keeps it)")
     hint_refine(index, config)
     if config.save:
         print(f"kept for `report`: {index.write_table(RESULTS, results)}")
@@ -127,14 +164,77 @@ def run_query(config: QueryConfig) -> pa.Table:
 # -- query vectors ---------------------------------------------------------------------------
 
 
+def query_keys(config: QueryConfig) -> list[str]:
+    """`keys`, then the lines of `keys_file`."""
+    keys = [str(key) for key in config.keys]
+    if not config.keys_file:
+        return keys
+    try:
+        lines = read_uri(config.keys_file).decode("utf-8").splitlines()
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise SettingError(f"keys_file={config.keys_file!r} cannot be read: {error}") from error
+    return keys + [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+
+
 def key_queries(index: Index, keys: list[str]) -> Queries:
-    """Stored w of keys in the index, found through the key lookup (KeyError naming any
-    unknown key)."""
+    """Stored w of keys in the index, found through the key lookup (UnknownKeyError naming
+    any unknown key and the closest keys found)."""
     if not keys:
         return Queries([], [], np.empty((0, index.dimension), np.float32))
-    rows = lookup_rows(index, keys)
+    try:
+        rows = lookup_rows(index, keys)
+    except KeyError as error:
+        raise unknown_keys(index, keys) from error
     vectors = index.vectors(index.take(rows, ["w"]))
     return Queries(list(keys), [""] * len(keys), vectors, rows.tolist())
+
+
+def unknown_keys(index: Index, keys: list[str]) -> UnknownKeyError:
+    """The error for keys not in the index: which, and the keys closest to the first."""
+    wanted = list(dict.fromkeys(keys))
+    stored = read_key_manifest(index)
+    current = is_current(stored, index)
+    found = lookup_stored(index, stored, wanted) if current else scan_parts(index, wanted)
+    missing = [key for key in wanted if key not in found]
+    close = difflib.get_close_matches(
+        missing[0], nearby_keys(index, missing[0], stored if current else None), SUGGESTED_KEYS
+    )
+    named = ", ".join(repr(key) for key in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    closest = f"; closest to {missing[0]!r}: {', '.join(map(repr, close))}" if close else ""
+    return UnknownKeyError(
+        f"key(s) not in the index at {index.storage.uri}: {named}{more}{closest} "
+        "(keys are the samples' __key__; `rank` lists them)"
+    )
+
+
+def nearby_keys(index: Index, key: str, stored: dict | None) -> list[str]:
+    """Keys to compare an unknown key with, from a few small reads whatever N is: the keys
+    beside it in its bucket of the key lookup (sorted: one row group), and the first
+    part's first SUGGESTION_POOL keys."""
+    pool: list[str] = []
+    if stored is not None:
+        path = bucket_path(stored["generation"], int(bucket_of([key], stored["buckets"])[0]))
+        with open_parquet(index.storage, path) as file:
+            group = nearest_group(file.metadata, key)
+            if group is not None:
+                pool += file.read_row_group(group, ["key"]).column("key").to_pylist()
+    first = index.read_part(index.manifest["shards"][0]["part"], ["key"]).column("key")
+    return pool + first.slice(0, SUGGESTION_POOL).to_pylist()
+
+
+def nearest_group(metadata: pq.FileMetaData, key: str) -> int | None:
+    """The row group of a sorted key bucket whose range holds `key`, or the one just after
+    it (the last for a key past them all)."""
+    groups = metadata.num_row_groups
+    if not groups:
+        return None
+    column = metadata.schema.to_arrow_schema().get_field_index("key")
+    for g in range(groups):
+        stats = metadata.row_group(g).column(column).statistics
+        if stats is None or not stats.has_min_max or key <= stats.max:
+            return g
+    return groups - 1
 
 
 def image_uris(config: QueryConfig) -> list[str]:
@@ -273,7 +373,7 @@ def load_query_image(uri: str, side: int, channels: int, max_pixels: int) -> tor
     try:
         return decode_image(data, side, channels, max_pixels)
     except ImageError as error:
-        raise ValueError(f"query image {uri!r} is not a usable image: {error}") from error
+        raise QueryImageError(f"query image {uri!r} is not a usable image: {error}") from error
 
 
 def stack(*parts: Queries) -> Queries:
@@ -300,6 +400,17 @@ def finder(index: Index, config: QueryConfig, top: int) -> Callable[[np.ndarray,
     return lambda vectors, opponents: brute_force_top_k(
         index, vectors, top, config.normalized, opponents
     )
+
+
+def without_self(found: tuple[np.ndarray, np.ndarray], rows: list[int], k: int) -> tuple:
+    """Each query's hits without its own row (keys; images have row -1), cut to k. Hits
+    keep their order; a dropped one becomes a missing hit (row -1) at the end."""
+    scores, hits = found
+    own = np.asarray(rows, np.int64)[:, None]
+    drop = (hits == own) & (own >= 0)
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+    hits = np.where(drop, -1, hits)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(hits, order, 1)
 
 
 def find_in_chunks(find: Callable, vectors: np.ndarray, opponents: bool) -> tuple:
@@ -456,7 +567,7 @@ def write_results(results: pa.Table, out: str) -> None:
     elif suffix == ".json":
         buffer.write(json.dumps(results.to_pylist(), indent=2).encode())
     else:
-        raise ValueError(f"--set out=... must end in .parquet, .csv or .json, not {out!r}")
+        raise SettingError(f"--set out=... must end in .parquet, .csv or .json, not {out!r}")
     storage, name = split_uri(out)
     storage.write_bytes(name, buffer.getvalue())
     print(f"written: {storage.url(name)}")

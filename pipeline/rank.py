@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.config import SettingError
 from pipeline.index.columnar import read_columns, read_rows
 from pipeline.index.layout import RANK_DIR
 from pipeline.index.parts import table_bytes
@@ -65,7 +66,7 @@ class RankConfig:
 
 def check_config(config: RankConfig) -> None:
     if config.top < 0 or config.top_k < 1 or config.partition_rows < 1:
-        raise ValueError("rank needs top >= 0, top_k >= 1 and partition_rows >= 1")
+        raise SettingError("rank needs top >= 0, top_k >= 1 and partition_rows >= 1")
 
 
 # -- order ------------------------------------------------------------------------------------

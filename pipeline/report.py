@@ -344,7 +344,7 @@ def summary_section(index: Index, page: Page) -> list[Section]:
         ("dimension of w", manifest.get("dimension")),
         ("vector dtype", manifest.get("vector_dtype")),
         ("curvature", factors.get("curvature")),
-        ("tracked layers", len(fingerprint.get("layers") or [])),
+        ("tracked layers", _tracked_text(manifest, len(fingerprint.get("layers") or []))),
         ("projection", json.dumps(fingerprint.get("projection"), sort_keys=True)),
         ("damping (mean over layers)", float(np.mean(damping)) if damping else None),
         ("fit examples", factors.get("examples")),
@@ -354,10 +354,32 @@ def summary_section(index: Index, page: Page) -> list[Section]:
     rows = [(k, v) for k, v in rows if v not in (None, "")]  # e.g. no checkpoint hash
     build = _build_rows(stats)
     content = "<h3>Index</h3>" + kv_table(rows)
+    content += _untracked_block(manifest.get("skipped_layers") or [])
     content += _reliability_block(manifest.get("reliability") or {})
     if build:
         content += "<h3>Build</h3>" + kv_table(build)
     return [Section("summary", "Summary", lambda: _wrap("summary", "Summary", content))]
+
+
+def _tracked_text(manifest: dict, count: int) -> str:
+    """The count, and with the coverage fit recorded: parameters tracked, share untracked."""
+    counts = manifest.get("layer_parameters")
+    if not counts:
+        return str(count)
+    return (
+        f"{count} ({counts['tracked']:,} parameters; {counts['untracked_fraction']:.1%} of the "
+        "weight parameters untracked, normalisation layers aside)"
+    )
+
+
+def _untracked_block(skipped: list[dict], limit: int = 20) -> str:
+    """Layers with parameters that w does not cover, and why (recorded by fit)."""
+    if not skipped:
+        return ""
+    table = pa.Table.from_pylist(
+        [{k: entry.get(k) for k in ("name", "type", "parameters", "why")} for entry in skipped]
+    )
+    return "<h3>Untracked layers</h3>" + data_table(table, limit)
 
 
 def _reliability_block(figures: dict) -> str:

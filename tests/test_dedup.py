@@ -148,10 +148,11 @@ def test_each_keep_policy_keeps_the_right_member(index_uri, capsys, keep):
     table = run(index_uri, capsys, mode="embedding", tau=0.98, keep=keep)
     index_rows = Index(index_uri).table(["key", "self_influence"]).to_pylist()
     s = {r["key"]: r["self_influence"] for r in index_rows}
+    at = {r["key"]: row for row, r in enumerate(index_rows)}  # corpus order
     rank = {
-        "first": lambda k: k,
-        "lowest_self_influence": lambda k: (s[k], k),
-        "highest_self_influence": lambda k: (-s[k], k),
+        "first": lambda k: at[k],
+        "lowest_self_influence": lambda k: (s[k], at[k]),
+        "highest_self_influence": lambda k: (-s[k], at[k]),
     }[keep]
     groups: dict[int, list[str]] = {}
     for r in table.to_pylist():
@@ -191,6 +192,8 @@ def test_similarity_is_the_cosine_to_the_kept_member(index_uri, capsys):
     assert removed
     for r in removed:
         expected = float(u[row[r["key"]]] @ u[row[r["kept_key"]]])
+        if r["reason"] == "exact_duplicate":  # same pixels as the kept member: 1 by definition
+            expected = 1.0
         assert r["similarity"] == pytest.approx(expected, abs=1e-4)
         assert r["reason"] in ("exact_duplicate", "influence_duplicate")
 
@@ -387,6 +390,8 @@ def test_streaming_gives_the_in_memory_list(planted, tmp_path, capsys, settings)
     assert {r for r, g in group.items() if g >= 0} == joined
     # groups.parquet: the grouped rows, by group, kept member first.
     groups = read_dedup_groups(Index(uri), config.mode)
+    assert not any(groups.column("chained").to_pylist())  # every copy >= tau to its kept row
+    groups = groups.drop(["chained"])  # groups.parquet only: the list parts do not carry it
     grouped = streamed.filter(pc.greater_equal(streamed.column("group"), 0))
     assert groups.num_rows == grouped.num_rows == len(joined)
     assert sorted(groups.to_pylist(), key=lambda r: r["key"]) == sorted(

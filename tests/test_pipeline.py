@@ -369,15 +369,30 @@ def test_rank_orders_the_index_by_self_influence(built, capsys):
         Index(os.path.join(output, "nothing-here"))
 
 
-def test_query_by_key_finds_the_example_itself_first(built, tmp_path):
+def test_query_by_key_finds_the_example_itself_first_when_asked(built, tmp_path):
     from pipeline.query import QueryConfig, run_query
 
     _, _, output, _ = built
     keys = ["d0005", "d0123", "d0230"]
     out = tmp_path / "query.csv"
-    results = run_query(QueryConfig(index=str(output), keys=keys, top=5, out=str(out)))
+    query = QueryConfig(index=str(output), keys=keys, top=5, out=str(out), include_self=True)
+    results = run_query(query)
     kept = pq.read_table(os.path.join(output, "query", "results.parquet"))
     assert kept.equals(results)
+    # By default a key's own row is left out: the same ranking from the second hit on.
+    default = run_query(dataclasses.replace(query, include_self=False, out=None, save=False))
+    for key in keys:
+        for direction in ("proponent", "opponent"):
+            mine, without = (
+                [
+                    r["key"]
+                    for r in t.to_pylist()
+                    if r["query"] == key and r["direction"] == direction
+                ]
+                for t in (results, default)
+            )
+            assert key not in without and len(without) == 5
+            assert without[:4] == [k for k in mine if k != key][:4]
     rows = results.to_pylist()
     _, table = read_index(output)
     w = np.stack(table.column("w").to_numpy(zero_copy_only=False)).astype(np.float64)
@@ -408,7 +423,7 @@ def test_query_refine_reembeds_candidates_read_back_from_their_shards(built, dig
     from pipeline.query import QueryConfig, run_query
 
     config, _, output, _ = built
-    query = QueryConfig(index=str(output), keys=["d0007"], top=4, save=False)
+    query = QueryConfig(index=str(output), keys=["d0007"], top=4, save=False, include_self=True)
     refined = run_query(dataclasses.replace(query, refine=16, refine_candidates=12))
     assert refined.column("refined").to_pylist() == [True] * 8
     proponents = [r for r in refined.to_pylist() if r["direction"] == "proponent"]
@@ -515,7 +530,8 @@ def test_query_by_key_reads_the_key_lookup_not_every_key(built, monkeypatch):
 
     monkeypatch.setattr(keys_module, "scan_parts", refuse)
     monkeypatch.setattr(Index, "table", refuse)
-    results = run_query(QueryConfig(index=str(output), keys=["d0200", "d0005"], top=2, save=False))
+    query = QueryConfig(index=str(output), keys=["d0200", "d0005"], top=2, save=False)
+    results = run_query(dataclasses.replace(query, include_self=True))
     proponents = [r for r in results.to_pylist() if r["direction"] == "proponent"]
     assert [r["key"] for r in proponents if r["rank"] == 0] == ["d0200", "d0005"]
     with pytest.raises(KeyError, match="no-such-key"):

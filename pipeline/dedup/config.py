@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config import RuntimeConfig
+from pipeline.config import RuntimeConfig, SettingError
 
 MODES = ("influence", "embedding")
 KEEP_POLICIES = ("first", "lowest_self_influence", "highest_self_influence")
@@ -26,7 +26,9 @@ class DedupConfig:
     mode: str = "influence"  # "influence" (cosine of w) or "embedding" (cosine of z)
     tau: float | None = None  # cosine threshold; None: DEFAULT_TAU[mode]
     k: int = 16  # neighbours searched per example (edges of the kNN graph)
-    keep: str = "first"  # "first" (smallest key), "lowest_self_influence", "highest_..."
+    # "first": the earliest in corpus order (manifest shard order, then position in the
+    # shard: originals before their later copies); "lowest_self_influence", "highest_..."
+    keep: str = "first"
     exact: bool = True  # also join rows with the same decoded-pixel hash
     top: int = 10  # largest groups to print
     # The search: near-duplicates are each other's nearest neighbours, so few IVF lists and
@@ -73,17 +75,17 @@ class DedupConfig:
 
 def check_config(config: DedupConfig) -> None:
     if config.mode not in MODES:
-        raise ValueError(f"unknown dedup mode {config.mode!r}; choose one of {MODES}")
+        raise SettingError(f"unknown dedup mode {config.mode!r}; choose one of {MODES}")
     if config.keep not in KEEP_POLICIES:
-        raise ValueError(f"unknown keep policy {config.keep!r}; choose one of {KEEP_POLICIES}")
+        raise SettingError(f"unknown keep policy {config.keep!r}; choose one of {KEEP_POLICIES}")
     tau = config.resolved_tau()
     if not -1.0 <= tau <= 1.0:
-        raise ValueError(f"tau is a cosine threshold and must lie in [-1, 1], got {tau}")
+        raise SettingError(f"tau is a cosine threshold and must lie in [-1, 1], got {tau}")
     if config.k < 1 or config.chunk < 1:
-        raise ValueError(f"k and chunk must be >= 1, got k={config.k}, chunk={config.chunk}")
+        raise SettingError(f"k and chunk must be >= 1, got k={config.k}, chunk={config.chunk}")
     if config.nprobe < 1 or config.candidates < 0:
-        raise ValueError(
+        raise SettingError(
             f"nprobe must be >= 1 and candidates >= 0, got {config.nprobe}, {config.candidates}"
         )
     if config.resolved_refine() and config.mode != "influence":
-        raise ValueError("refine re-embeds w: it applies to mode=influence only")
+        raise SettingError("refine re-embeds w: it applies to mode=influence only")

@@ -1,6 +1,18 @@
 """The duplicate graph's pieces shared by the in-memory and the streaming path: union-find,
 the keep policy, group numbering, the refinement's re-scoring, and the grouped rows' table.
 
+Keep policies: "first" keeps the member earliest in corpus order (the global row: shards in
+the manifest's order, then position in the shard), so the original stays and its later
+copies go; "lowest_self_influence" / "highest_self_influence" keep the member of lowest /
+highest s(x), ties by corpus order.
+
+Per grouped row: `reason` ("kept", "exact_duplicate" for the same decoded-pixel hash as the
+kept member, else "<mode>_duplicate"); `similarity`, the cosine to the kept member in the
+mode's space, 1.0 for the kept member and for its exact copies (whatever their w: with
+per-key views two copies of one image have different w); and, in groups.parquet only,
+`chained`: a near duplicate whose similarity to the kept member is below tau, in the group
+only through other members (connected components chain).
+
 Only rows that appear in an edge are ever looked at: the graph is relabelled onto compact ids
 (`np.unique` of the endpoints), so memory is O(edges), never O(N).
 """
@@ -18,6 +30,9 @@ from pipeline.dedup.config import DedupConfig
 SIMILARITY_CHUNK = 16_384
 # Columns of the keep/remove list (every row) and of groups.parquet (grouped rows only).
 LIST_COLUMNS = ("key", "shard", "group", "kept", "reason", "similarity", "kept_key")
+GROUP_COLUMNS = (*LIST_COLUMNS, "chained")
+# A direct edge's cosine, recomputed here, may differ from the search's in the last bits.
+CHAIN_SLACK = 1e-4
 LIST_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -53,16 +68,18 @@ def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
             parent = nxt
 
 
-def keep_order(keys: np.ndarray, self_influence: np.ndarray, policy: str) -> np.ndarray:
-    """Rank of every row under the keep policy (0 is kept first); ties broken by key."""
+def keep_order(rows: np.ndarray, self_influence: np.ndarray, policy: str) -> np.ndarray:
+    """Rank of every row under the keep policy (0 is kept first): by corpus order (`rows`,
+    global rows) for "first", else by self-influence with ties in corpus order."""
+    rows = np.asarray(rows, np.int64)
     if policy == "first":
-        order = np.lexsort((keys,))
+        order = np.argsort(rows, kind="stable")
     elif policy == "lowest_self_influence":
-        order = np.lexsort((keys, self_influence))
+        order = np.lexsort((rows, self_influence))
     else:
-        order = np.lexsort((keys, -self_influence))
-    rank = np.empty(len(keys), np.int64)
-    rank[order] = np.arange(len(keys))
+        order = np.lexsort((rows, -self_influence))
+    rank = np.empty(len(rows), np.int64)
+    rank[order] = np.arange(len(rows))
     return rank
 
 
@@ -136,7 +153,8 @@ def grouped_rows(
 
     `info_of(rows)` gives key, shard, self_influence (and pixel_hash with `config.exact`) of
     sorted global rows; `unit_of(rows)` their unit vectors in the mode's space. Returns
-    `row` plus the list's columns, sorted by group, the kept member first, then row.
+    `row` plus the list's columns and `chained`, sorted by group, the kept member first,
+    then row.
     """
     i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
     i, j = i[i != j], j[i != j]
@@ -144,11 +162,12 @@ def grouped_rows(
     label = components(len(nodes), np.searchsorted(nodes, i), np.searchsorted(nodes, j))
     info = info_of(nodes)
     keys = np.array(info.column("key").to_pylist(), dtype=object)
-    rank = keep_order(keys, info.column("self_influence").to_numpy(), config.keep)
+    rank = keep_order(nodes, info.column("self_influence").to_numpy(), config.keep)
     group, kept_node = group_ids(label, rank)
     kept = kept_node == np.arange(len(nodes))
-    similarity = similarities(nodes, nodes[kept_node], unit_of)
     exact = exact_copies(info, kept_node) if "pixel_hash" in info.column_names else kept & False
+    similarity = np.where(kept | exact, 1.0, similarities(nodes, nodes[kept_node], unit_of))
+    chained = ~kept & ~exact & (similarity < config.resolved_tau() - CHAIN_SLACK)
     reason = np.where(kept, "kept", np.where(exact, "exact_duplicate", f"{config.mode}_duplicate"))
     table = pa.table(
         {
@@ -158,8 +177,9 @@ def grouped_rows(
             "group": pa.array(group, pa.int64()),
             "kept": pa.array(kept),
             "reason": pa.array(reason.tolist(), pa.string()),
-            "similarity": pa.array(np.where(kept, 1.0, similarity).astype(np.float32)),
+            "similarity": pa.array(similarity.astype(np.float32)),
             "kept_key": pa.array(keys[kept_node].tolist(), pa.string()),
+            "chained": pa.array(chained, pa.bool_()),
         }
     )
     order = np.lexsort((nodes, ~kept, group))

@@ -6,8 +6,10 @@
 3. Influence mode with refinement: the candidate pairs' rows (at most refine_max) re-embedded
    with many views, pairs re-scored (graph.rescore).
 4. Union-find over the rows that appear in an edge (graph.grouped_rows): O(edges).
-5. Outputs: `dedup/<mode>/list/<part>.parquet` per index part (every row), `groups.parquet`
-   (grouped rows only), then `dedup/<mode>.summary.json` (last: the run is complete).
+5. Outputs: `dedup/<mode>/list/<part>.parquet` per index part (every row: key, shard,
+   group, kept, reason, similarity, kept_key), `groups.parquet` (grouped rows only, the same
+   columns plus `chained`), then `dedup/<mode>.summary.json` (last: the run is complete; it
+   counts the `chained_groups`, groups holding a member below tau to the kept one).
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ from pipeline.dedup.edges import (
     read_edges,
 )
 from pipeline.dedup.exact import exact_edges
-from pipeline.dedup.graph import LIST_COLUMNS, grouped_rows, refine_order, rescore
+from pipeline.dedup.graph import (
+    GROUP_COLUMNS,
+    LIST_COLUMNS,
+    grouped_rows,
+    refine_order,
+    rescore,
+)
 from pipeline.dedup.memory import check_columns, scatter
 from pipeline.index.layout import DEDUP_DIR
 from pipeline.index.parts import table_bytes, vectors
@@ -191,7 +199,7 @@ def write_lists(index: Index, mode: str, grouped: pa.Table, map_fn: MapFn) -> No
     stale = [p for p in stale if not p.startswith(f"{DEDUP_DIR}/{mode}/edges/")]
     old = f"{DEDUP_DIR}/{mode}.parquet"
     index.storage.delete_many(stale + ([old] if index.storage.exists(old) else []))
-    index.storage.write_bytes(groups_path(mode), table_bytes(grouped.select(list(LIST_COLUMNS))))
+    index.storage.write_bytes(groups_path(mode), table_bytes(grouped.select(list(GROUP_COLUMNS))))
 
 
 def write_list_part(uri: str, digest: str, mode: str, task: tuple[str, int, pa.Table]) -> str:
@@ -207,10 +215,13 @@ def write_list_part(uri: str, digest: str, mode: str, task: tuple[str, int, pa.T
 
 def read_dedup_groups(index: Index, mode: str) -> pa.Table:
     """The grouped rows of the last `dedup` in `mode` (key, shard, group, kept, reason,
-    similarity, kept_key), sorted by group, kept member first."""
-    from pipeline.index.columnar import read_columns
+    similarity, kept_key, and `chained` where the run wrote it), sorted by group, kept
+    member first."""
+    from pipeline.index.columnar import read_columns, read_schema
 
-    return read_columns(index.storage, groups_path(mode), list(LIST_COLUMNS))
+    names = set(read_schema(index.storage, groups_path(mode)).names)
+    columns = [c for c in GROUP_COLUMNS if c in LIST_COLUMNS or c in names]
+    return read_columns(index.storage, groups_path(mode), columns)
 
 
 def read_keep_list(index: Index, mode: str) -> pa.Table:
@@ -231,6 +242,9 @@ def summarise(grouped: pa.Table, n: int, config: DedupConfig, seconds: float) ->
     near = pc.equal(grouped.column("reason"), f"{config.mode}_duplicate")
     near_groups = len(pc.unique(grouped.filter(near).column("group")))
     groups = len(pc.unique(grouped.column("group")))
+    has_chained = "chained" in grouped.column_names
+    chained = grouped.filter(grouped.column("chained")) if has_chained else None
+    near_rows = grouped.filter(near).column("similarity")
     return {
         "mode": config.mode,
         "tau": config.resolved_tau(),
@@ -245,6 +259,10 @@ def summarise(grouped: pa.Table, n: int, config: DedupConfig, seconds: float) ->
         "removed": grouped.num_rows - groups,
         "removed_exact": counts.get("exact_duplicate", 0),
         "removed_near": counts.get(f"{config.mode}_duplicate", 0),
+        # Members in a group only through others (similarity to the kept one below tau).
+        "chained_groups": 0 if chained is None else len(pc.unique(chained.column("group"))),
+        "chained_members": 0 if chained is None else chained.num_rows,
+        "min_near_similarity": float(pc.min(near_rows).as_py()) if len(near_rows) else None,
         "seconds": round(seconds, 3),
         "examples_per_second": round(n / seconds, 1) if seconds > 0 else 0.0,
     }
@@ -258,12 +276,19 @@ def print_summary(grouped: pa.Table, summary: dict, top: int) -> None:
         f"({summary['exact_groups']:,} exact, {summary['near_groups']:,} near), "
         f"{summary['removed']:,} to remove; {summary['examples_per_second']:,} examples/s"
     )
+    if summary.get("chained_groups"):
+        print(
+            f"  note: {summary['chained_groups']:,} groups hold {summary['chained_members']:,} "
+            f"members below tau to their kept member (joined through others; lowest "
+            f"{summary['min_near_similarity']:.3f}): `chained` in groups.parquet"
+        )
     rows = grouped.filter(pc.less(grouped.column("group"), top)).to_pylist()
     for g in range(min(top, summary["groups"])):
         members = [r for r in rows if r["group"] == g]
         kept = next(r["key"] for r in members if r["kept"])
         others = ", ".join(
-            f"{r['key']} ({r['reason'].split('_')[0]}, {r['similarity']:.3f})"
+            f"{r['key']} ({r['reason'].split('_')[0]}, {r['similarity']:.3f}"
+            f"{', chained' if r.get('chained') else ''})"
             for r in members
             if not r["kept"]
         )

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.index.layout import LEASE
-from pipeline.storage import Storage
+from pipeline.storage import _TMP_PREFIX as TEMPORARY_PREFIX  # the hidden temp files
+from pipeline.storage import LocalStorage, Storage
 
 DEFAULT_TTL = 60.0  # seconds; generous against clock skew, short enough for a rerun to wait
 _ATTEMPTS = 5  # rounds of acquire against concurrent changes before giving up
@@ -107,6 +108,7 @@ class Lease:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.fresh_folder: str | None = None  # set on enter: removed if the run fails
 
     # -- the object ------------------------------------------------------------------------
 
@@ -220,6 +222,7 @@ class Lease:
                 log.warning("lease heartbeat on %s failed: %s", self.storage.uri, exc)
 
     def __enter__(self) -> Lease:
+        self.fresh_folder = fresh_local_folder(self.storage)
         self.acquire()
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
@@ -230,11 +233,34 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
         self.release()
+        if kind is not None and self.fresh_folder:
+            remove_if_only_temporary(self.fresh_folder)
         if self.lost and kind is None:
             raise LeaseLostError(
                 f"the lease of {self.storage.uri} was taken over while this {self.verb} ran "
                 f"({self.lost}); its output may mix two runs: rerun it"
             )
+
+
+def fresh_local_folder(storage: Storage) -> str | None:
+    """The output's folder when it is local and does not exist yet (this run creates it)."""
+    root = getattr(storage, "root", None) if isinstance(storage, LocalStorage) else None
+    return root if root is not None and not os.path.exists(root) else None
+
+
+def remove_if_only_temporary(folder: str) -> None:
+    """Remove a folder a failed run created when it holds nothing but the storage's hidden
+    temporary files (the lease's lock file): a failed first run leaves no folder behind.
+    Anything else in it (another job's lease, a part) keeps it."""
+    try:
+        names = os.listdir(folder)
+        if any(not name.startswith(TEMPORARY_PREFIX) for name in names):
+            return
+        for name in names:
+            os.remove(os.path.join(folder, name))
+        os.rmdir(folder)
+    except OSError as error:  # a subfolder, or another job writing now: leave it
+        log.debug("kept %s: %s", folder, error)
 
 
 def hold_lease(storage: Storage, verb: str, force: bool = False) -> Lease:

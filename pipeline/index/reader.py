@@ -7,12 +7,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import UserError
 from pipeline.index.columnar import read_columns, read_rows, read_schema
 from pipeline.index.manifest import read_manifest
 from pipeline.index.parts import table_bytes, vectors
 from pipeline.storage import Storage, open_storage
 
 PARALLEL_PARTS = 16
+
+
+class IndexNotFoundError(UserError, FileNotFoundError):
+    """No index (no manifest.json) at the URI given."""
+
+
+class EmptyIndexError(UserError, ValueError):
+    """An index with factors but no parts yet: `build` has not run (or finished) there."""
 
 
 class Index:
@@ -22,9 +31,15 @@ class Index:
         self.storage: Storage = open_storage(uri)
         manifest = read_manifest(self.storage)
         if manifest is None:
-            raise FileNotFoundError(f"no index at {self.storage.uri} (no manifest.json)")
+            raise IndexNotFoundError(
+                f"no index at {self.storage.uri} (no manifest.json there): check the path, or "
+                f"create one: influence-ssl fit, then build, with --out {self.storage.uri}"
+            )
         if not manifest.get("shards"):
-            raise ValueError(f"the index at {self.storage.uri} is empty: run `build` first")
+            raise EmptyIndexError(
+                f"the index at {self.storage.uri} is empty (no shard built yet): run "
+                f"`influence-ssl build --out {self.storage.uri}` first"
+            )
         self.manifest = manifest
 
     @property

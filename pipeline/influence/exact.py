@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from pipeline.config import CurvatureConfig
+from pipeline.influence.layers import adapter_for
 from pipeline.influence.loss import consistency_loss
 
 
@@ -23,16 +24,17 @@ def exact_gradients(
 ) -> dict[str, torch.Tensor]:
     """{layer: [B, O, I(+1)]} exact per-example gradients of the consistency loss.
 
-    `views` is [B, V, C, H, W]. The layout matches the adapters': the weight flattened to
-    [O, I] (conv: I = C*kh*kw) with the bias gradient as an extra last column.
+    `views` is [B, V, C, H, W]. The layout is each layer's adapter's (`gradient_layout`):
+    the weight flattened to [O, I] (conv: I = C/groups*kh*kw) with the bias gradient as an
+    extra last column; MultiheadAttention: its in-projection, [3E, I(+1)].
     """
     model = model.eval()
     modules = dict(model.named_modules())
+    adapters = {name: adapter_for(modules[name]) for name in layer_names}
     tracked = {
         f"{name}.{part}": getattr(modules[name], part).detach()
         for name in layer_names
-        for part in ("weight", "bias")
-        if getattr(modules[name], part, None) is not None
+        for part in adapters[name].parameter_names(modules[name])
     }
     fixed = {k: v.detach() for k, v in model.named_parameters() if k not in tracked}
     fixed.update(dict(model.named_buffers()))
@@ -44,9 +46,9 @@ def exact_gradients(
     grads = vmap(grad(loss_of), in_dims=(None, 0))(tracked, views)
     out = {}
     for name in layer_names:
-        weight = grads[f"{name}.weight"].flatten(2)
-        bias = grads.get(f"{name}.bias")
-        out[name] = weight if bias is None else torch.cat([weight, bias[..., None]], dim=-1)
+        module, adapter = modules[name], adapters[name]
+        parts = {part: grads[f"{name}.{part}"] for part in adapter.parameter_names(module)}
+        out[name] = adapter.gradient_layout(module, parts)
     return out
 
 

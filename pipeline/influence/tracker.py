@@ -3,13 +3,15 @@
 The tracker is the only place that touches the model's internals. A capture yields, for each
 tracked layer, `a~` [B, R, k_in] and `delta~` [B, R, k_out] where R runs over every view of
 the example and every position; the projected per-example gradient is then
-`G~ = sum_r delta~_r a~_r^T` (see `LayerRows.gradient`).
+`G~ = sum_r delta~_r a~_r^T` (see `LayerRows.gradient`; grouped convolutions hand on the
+gradient itself). Module forward hooks see Linear and Conv2d layers; a MultiheadAttention
+runs `attention.attention_forward` during a capture, which shows the hooks its projections.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -17,7 +19,8 @@ import torch
 from torch import nn
 
 from pipeline.config import LayerConfig, ProjectionConfig
-from pipeline.influence.layers import LayerAdapter, adapter_for
+from pipeline.influence.attention import attention_forward
+from pipeline.influence.layers import LayerAdapter, LayerRows, adapter_for, batch_major
 from pipeline.influence.projection import projection_matrix
 
 
@@ -53,37 +56,37 @@ class TrackedLayer:
 
 
 @dataclass
-class LayerRows:
-    """Projected rows of one layer for a batch of examples."""
-
-    a: torch.Tensor  # [B, R, k_in]
-    d: torch.Tensor  # [B, R, k_out]
-
-    def gradient(self) -> torch.Tensor:
-        """Per-example projected gradient G~ [B, k_out, k_in]."""
-        return torch.einsum("bro,bri->boi", self.d, self.a)
-
-
-@dataclass
 class Capture:
-    """What the hooks saw during one forward/backward; per call of each layer."""
+    """What the hooks saw during one forward/backward: per layer, the calls made and the
+    rows of each call whose output gradient has arrived."""
 
-    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    grads: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    done: dict[str, dict[int, LayerRows]] = field(default_factory=dict)
+
+    def start(self, name: str) -> int:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return self.calls[name] - 1
+
+    def finish(self, name: str, call: int, rows: LayerRows) -> None:
+        self.done.setdefault(name, {})[call] = rows
 
     def rows(self, num_examples: int) -> dict[str, LayerRows]:
         """Group the captured image rows by example: image i belongs to example i // views."""
         out = {}
-        for name, inputs in self.inputs.items():
-            grads = self.grads.get(name, {})
-            if len(grads) != len(inputs):
+        for name, calls in self.calls.items():
+            done = self.done.get(name, {})
+            if len(done) != calls:
                 raise RuntimeError(
-                    f"layer {name!r} got {len(inputs)} forward calls but {len(grads)} "
+                    f"layer {name!r} got {calls} forward calls but {len(done)} "
                     "gradients: it is not on the path from the input to the loss"
                 )
-            a = [_by_example(x, num_examples) for x in inputs]
-            d = [_by_example(grads[i], num_examples) for i in range(len(inputs))]
-            out[name] = LayerRows(torch.cat(a, dim=1), torch.cat(d, dim=1))
+            parts = [done[i] for i in range(calls)]
+            a = torch.cat([_by_example(p.a, num_examples) for p in parts], dim=1)
+            d = torch.cat([_by_example(p.d, num_examples) for p in parts], dim=1)
+            grad = None
+            if parts[0].grad is not None:
+                grad = sum(_sum_by_example(p.grad, num_examples) for p in parts)
+            out[name] = LayerRows(a, d, grad)
         return out
 
 
@@ -91,10 +94,19 @@ def _by_example(rows: torch.Tensor, num_examples: int) -> torch.Tensor:
     return rows.reshape(num_examples, -1, rows.shape[-1])
 
 
+def _sum_by_example(grad: torch.Tensor, num_examples: int) -> torch.Tensor:
+    return grad.reshape(num_examples, -1, *grad.shape[1:]).sum(1)
+
+
+def active_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Module-name prefixes that get gradient from the model's forward (all by default)."""
+    active = getattr(model, "active_module_prefixes", None)
+    return tuple(active()) if callable(active) else ("",)
+
+
 def select_layers(model: nn.Module, layers: LayerConfig) -> tuple[list[str], dict[str, str]]:
     """Names of the layers to track, and the matched-but-skipped ones with the reason."""
-    active = getattr(model, "active_module_prefixes", None)
-    prefixes = tuple(active()) if callable(active) else ("",)
+    prefixes = active_prefixes(model)
     chosen, skipped = [], {}
     for name, module in model.named_modules():
         adapter = adapter_for(module)
@@ -113,7 +125,7 @@ def select_layers(model: nn.Module, layers: LayerConfig) -> tuple[list[str], dic
         available = [n for n, m in model.named_modules() if adapter_for(m) is not None]
         raise ValueError(
             f"no layer selected by include={layers.include} exclude={layers.exclude}; "
-            f"Linear/Conv2d layers in this model: {available[:20]}"
+            f"trackable layers in this model: {available[:20]}"
             + (f"; skipped as unsupported: {skipped}" if skipped else "")
         )
     return chosen, skipped
@@ -127,8 +139,18 @@ def layer_dims(name: str, projection: ProjectionConfig) -> tuple[int, int]:
     return projection.dim_in, projection.dim_out
 
 
+# Normalisation layers: per-channel scales and shifts, not weight layers; never tracked and
+# left out of the share of untracked parameters.
+NORM_TYPES: tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+UNTRACKED_WARNING = 0.10  # warn at fit when more of the weight parameters are untracked
+
+
 class GradientTracker:
-    """Hooks the selected Linear/Conv2d layers of `model` and captures projected rows."""
+    """Hooks the selected layers of `model` and captures projected rows."""
 
     def __init__(self, model: nn.Module, layers: LayerConfig, projection: ProjectionConfig):
         self.model = model
@@ -136,6 +158,14 @@ class GradientTracker:
         modules = dict(model.named_modules())
         device = next(model.parameters()).device
         self.layers = [self._track(n, modules[n], projection, device) for n in names]
+        # MultiheadAttention modules whose forward must run their projections in view, with
+        # the tracked (in-projection, out_proj) layers of each.
+        self.attention: dict[int, list] = {}
+        for layer in self.layers:
+            owner = _attention_owner(layer, modules)
+            if owner is not None:
+                entry = self.attention.setdefault(id(owner), [owner, None, None])
+                entry[1 if owner is layer.module else 2] = layer
 
     @staticmethod
     def _track(name, module, projection: ProjectionConfig, device) -> TrackedLayer:
@@ -170,43 +200,190 @@ class GradientTracker:
         """Record projected inputs (forward) and output gradients (backward) of each layer."""
         capture = Capture()
         handles = [
-            layer.module.register_forward_hook(self._forward_hook(layer, capture))
+            layer.module.register_forward_hook(_forward_hook(layer, capture))
             for layer in self.layers
+            if not any(layer is e for entry in self.attention.values() for e in entry[1:])
         ]
+        swapped = []
+        for mha, in_layer, out_layer in self.attention.values():
+            swapped.append((mha, mha.__dict__.get("forward")))
+            watch_in = _watch_attention_in(in_layer, capture) if in_layer else None
+            watch_out = _watch_attention_out(out_layer, capture) if out_layer else None
+            mha.forward = attention_forward(mha, watch_in, watch_out)
         try:
             yield capture
         finally:
             for handle in handles:
                 handle.remove()
+            for mha, previous in swapped:
+                if previous is None:
+                    del mha.forward
+                else:
+                    mha.forward = previous
 
-    @staticmethod
-    def _forward_hook(layer: TrackedLayer, capture: Capture):
-        def hook(module, inputs, output):
-            calls = capture.inputs.setdefault(layer.name, [])
-            call = len(calls)
-            x = inputs[0].detach()
-            # Projections stay in float32 even when the model runs under bf16 autocast.
-            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                calls.append(layer.adapter.project_input(module, x, layer.p_in))
-            if output.requires_grad:
-                output.register_hook(_grad_hook(layer, capture, call))
-                return None
-            if not torch.is_grad_enabled():
-                return None
-            # The first tracked layer: the graph starts at its output, so the backward never
-            # runs through (or computes input gradients of) anything before it. The clone
-            # keeps in-place ops that follow (ReLU(inplace=True)) off the leaf.
-            leaf = output.detach().requires_grad_(True)
-            leaf.register_hook(_grad_hook(layer, capture, call))
-            return leaf.clone()
+    def coverage(self) -> dict:
+        """Which parameters of the encoder the tracked layers cover, for the manifest.
 
-        return hook
+        `tracked_layers`: name, type, parameters. `skipped_layers`: every other module with
+        parameters of its own that get gradient (normalisation layers aside), with why.
+        `layer_parameters`: counts over the weight parameters, i.e. every parameter under
+        the active prefixes except normalisation layers'.
+        """
+        covered = {
+            id(getattr(layer.module, n))
+            for layer in self.layers
+            for n in layer.adapter.parameter_names(layer.module)
+        }
+        tracked = [
+            {
+                "name": layer.name,
+                "type": type(layer.module).__name__,
+                "parameters": _count(layer.module, layer.adapter.parameter_names(layer.module)),
+            }
+            for layer in self.layers
+        ]
+        skipped, total, norms = [], 0, 0
+        prefixes = active_prefixes(self.model)
+        for name, module in self.model.named_modules():
+            own = dict(module.named_parameters(recurse=False))
+            if not own or not name.startswith(prefixes):
+                continue
+            if isinstance(module, NORM_TYPES):
+                norms += _count(module, list(own))
+                continue
+            total += _count(module, list(own))
+            left = [n for n, p in own.items() if id(p) not in covered]
+            if left:
+                why = self._why_untracked(name, module, left, len(left) < len(own))
+                skipped.append(
+                    {
+                        "name": name,
+                        "type": type(module).__name__,
+                        "parameters": _count(module, left),
+                        "why": why,
+                    }
+                )
+        untracked = sum(entry["parameters"] for entry in skipped)
+        return {
+            "tracked_layers": tracked,
+            "skipped_layers": skipped,
+            "layer_parameters": {
+                "weight": total,
+                "tracked": total - untracked,
+                "untracked": untracked,
+                "untracked_fraction": untracked / total if total else 0.0,
+                "normalisation": norms,
+            },
+        }
+
+    def _why_untracked(self, name: str, module: nn.Module, left: list[str], partly: bool) -> str:
+        if partly:
+            return f"parameters {', '.join(left)} are outside its tracked gradient"
+        if name in self.skipped:
+            return f"unsupported: {self.skipped[name]}"
+        if adapter_for(module) is not None:
+            return "not selected by layers.include / layers.exclude"
+        return f"no per-example gradient for {type(module).__name__} parameters"
 
 
-def _grad_hook(layer: TrackedLayer, capture: Capture, call: int):
+def coverage_warning(coverage: dict) -> str | None:
+    """A warning when more than UNTRACKED_WARNING of the weight parameters are untracked."""
+    counts = coverage["layer_parameters"]
+    if counts["untracked_fraction"] <= UNTRACKED_WARNING:
+        return None
+    largest = sorted(coverage["skipped_layers"], key=lambda e: -e["parameters"])[:3]
+    named = "; ".join(f"{e['name'] or '(root)'} ({e['parameters']:,}: {e['why']})" for e in largest)
+    return (
+        f"{counts['untracked_fraction']:.0%} of the encoder's weight parameters "
+        f"({counts['untracked']:,} of {counts['weight']:,}, normalisation layers aside) are not "
+        f"tracked, so w(x) ignores them; largest: {named}. Check influence.layers, or see "
+        "skipped_layers in the manifest"
+    )
+
+
+def _count(module: nn.Module, names: list[str]) -> int:
+    return sum(getattr(module, n).numel() for n in names)
+
+
+def _attention_owner(layer: TrackedLayer, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The MultiheadAttention that runs this layer: itself, or the parent of its out_proj."""
+    if isinstance(layer.module, nn.MultiheadAttention):
+        return layer.module
+    parent = modules.get(layer.name.rpartition(".")[0])
+    if isinstance(parent, nn.MultiheadAttention) and parent.out_proj is layer.module:
+        return parent
+    return None
+
+
+def _kept(x: torch.Tensor, keep: Callable[[], object]) -> object:
+    # Projections stay in float32 even when the model runs under bf16 autocast.
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        return keep()
+
+
+def _watch(
+    name: str, capture: Capture, output: torch.Tensor, finish: Callable[[torch.Tensor], LayerRows]
+) -> torch.Tensor:
+    """Have `finish(grad of output)` give the rows of this call; returns the output to use."""
+    call = capture.start(name)
+
     def hook(grad: torch.Tensor) -> None:
-        with torch.no_grad():
-            rows = layer.adapter.project_output_grad(layer.module, grad, layer.p_out)
-        capture.grads.setdefault(layer.name, {})[call] = rows
+        with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
+            capture.finish(name, call, finish(grad))
+
+    if output.requires_grad:
+        output.register_hook(hook)
+        return output
+    if not torch.is_grad_enabled():
+        return output
+    # The first tracked layer: the graph starts at its output, so the backward never runs
+    # through (or computes input gradients of) anything before it. The clone keeps in-place
+    # ops that follow (ReLU(inplace=True)) off the leaf.
+    leaf = output.detach().requires_grad_(True)
+    leaf.register_hook(hook)
+    return leaf.clone()
+
+
+def _forward_hook(layer: TrackedLayer, capture: Capture):
+    def hook(module, inputs, output):
+        x = inputs[0].detach()
+        kept = _kept(x, lambda: layer.adapter.keep_input(module, x, layer.p_in))
+
+        def finish(grad: torch.Tensor) -> LayerRows:
+            return layer.adapter.rows(module, kept, grad, layer.p_in, layer.p_out)
+
+        used = _watch(layer.name, capture, output, finish)
+        return None if used is output else used
 
     return hook
+
+
+def _watch_attention_in(layer: TrackedLayer, capture: Capture):
+    adapter, module = layer.adapter, layer.module
+
+    def watch(x: torch.Tensor, which: str, output: torch.Tensor) -> torch.Tensor:
+        part = adapter.part(module, which)
+        x = x.detach()
+        kept = _kept(x, lambda: adapter.keep_part(module, x, part, layer.p_in))
+
+        def finish(grad: torch.Tensor) -> LayerRows:
+            return adapter.part_rows(module, kept, part, grad, layer.p_out)
+
+        return _watch(layer.name, capture, output, finish)
+
+    return watch
+
+
+def _watch_attention_out(layer: TrackedLayer, capture: Capture):
+    adapter, module = layer.adapter, layer.module
+
+    def watch(x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        rows = batch_major(x.detach())
+        kept = _kept(rows, lambda: adapter.keep_input(module, rows, layer.p_in))
+
+        def finish(grad: torch.Tensor) -> LayerRows:
+            return adapter.rows(module, kept, batch_major(grad), layer.p_in, layer.p_out)
+
+        return _watch(layer.name, capture, output, finish)
+
+    return watch

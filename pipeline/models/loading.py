@@ -2,8 +2,9 @@
 
 Loading is strict on purpose: an encoder with silently random layers would give plausible but
 wrong influence scores. The only keys dropped are heads the config chose not to build (`fc.*`
-of a classifier checkpoint into a feature backbone, `projector.*` into an encoder without a
-projector), each with a logged note.
+of a classifier checkpoint into a feature backbone, or whatever the backbone lists in its
+`head_prefixes`, e.g. `head.*` of a ViT; `projector.*` into an encoder without a projector),
+each with a logged note.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from urllib.parse import unquote, urlparse
 
 import torch
 from torch import nn
+
+from pipeline.errors import UserError
 
 from .encoder import Encoder
 
@@ -54,7 +57,7 @@ STRIP_PREFIXES = (
 _SHOW = 5  # how many keys of each kind an error message lists
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be read, or does not fit the encoder."""
 
 
@@ -160,14 +163,21 @@ def load_weights(
     Accepts a raw state dict or one under a wrapper key (`WRAPPER_KEYS`), with keys either of
     the full encoder (`backbone.*`, `projector.*`) or of the backbone alone, possibly behind
     `STRIP_PREFIXES`. Missing keys and shape mismatches are always an error (except
-    `num_batches_tracked`, unused in eval mode); unexpected keys are an error when `strict`,
-    else logged and ignored.
+    `num_batches_tracked` and the backbone's `optional_keys`, unused in eval mode); unexpected
+    keys are an error when `strict`, else logged and ignored.
     """
     data = read_bytes(uri, open_uri)
     source = parse_checkpoint(data, uri)
     target = encoder.state_dict()
     mapped, dropped, unexpected = match_keys(source, encoder, uri)
-    missing = [k for k in target if k not in mapped and not k.endswith("num_batches_tracked")]
+    # Unused in eval mode, so a checkpoint may lack them: BatchNorm step counts, and keys a
+    # backbone lists as `optional_keys` (DINOv2's mask token, absent from timm's conversions).
+    optional = {f"backbone.{k}" for k in getattr(encoder.backbone, "optional_keys", ())}
+    missing = [
+        k
+        for k in target
+        if k not in mapped and not k.endswith("num_batches_tracked") and k not in optional
+    ]
     # Listed in model order: safetensors does not keep the file's key order.
     shapes = [
         f"{k} (checkpoint {tuple(mapped[k].shape)}, model {tuple(t.shape)})"
@@ -193,6 +203,9 @@ def match_keys(
     full = set(encoder.state_dict())
     backbone = set(encoder.backbone.state_dict())
     fc_is_identity = isinstance(getattr(encoder.backbone, "fc", None), nn.Identity)
+    # Classifier keys of backbones that do not build their classifier (built-in ViT,
+    # ConvNeXt, MobileNet, EfficientNet; timm:/torchvision: archs).
+    head_prefixes = tuple(getattr(encoder.backbone, "head_prefixes", ()))
     mapped: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     dropped: list[str] = []
@@ -200,7 +213,9 @@ def match_keys(
     for key, value in source.items():
         name, stripped = _resolve(key, full, backbone)
         if name is None:
-            is_fc = fc_is_identity and stripped.startswith("fc.")
+            is_fc = (fc_is_identity and stripped.startswith("fc.")) or stripped.startswith(
+                head_prefixes
+            )
             is_head = encoder.projector is None and stripped.startswith("projector.")
             (dropped if is_fc or is_head else unexpected).append(key)
             continue

@@ -1,6 +1,7 @@
 """Build an `Encoder` from a `ModelConfig`, and describe it for the manifest.
 
-`cfg.arch` is a built-in name (`BUILTIN_ARCHS`) or a `"package.module:function"` factory.
+`cfg.arch` is a built-in name (`BUILTIN_ARCHS`), `"timm:<name>"` / `"torchvision:<name>"`
+(see `external.py`), or a `"package.module:function"` factory.
 A factory is called with `cfg.kwargs`, plus `in_channels=cfg.in_channels` when its signature
 names `in_channels` (and `cfg.kwargs` does not). It returns either
 
@@ -22,15 +23,41 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 
+from .common import ModelError
+from .convnext import convnext_tiny
+from .efficientnet import efficientnet_b0
 from .encoder import Encoder, resolve_representation
+from .external import external_factory
 from .heads import ProjectorMLP
 from .loading import LoadReport, OpenURI, file_sha256, load_weights
+from .mobilenet import mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small
 from .resnet import resnet18, resnet50
 from .small import SmallCNN, TinyCNN
+from .vit import (
+    vit_base_patch14_dinov2,
+    vit_base_patch14_reg4_dinov2,
+    vit_base_patch16,
+    vit_small_patch14_dinov2,
+    vit_small_patch14_reg4_dinov2,
+    vit_small_patch16,
+)
 
+# Every built-in backbone keeps the state-dict keys of its public checkpoints (torchvision,
+# timm, DINO, DINOv2); see each module's docstring. ViTs take `pool` ("cls" or "mean").
 BUILTIN_ARCHS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet50": resnet50,
+    "convnext_tiny": convnext_tiny,
+    "mobilenet_v2": mobilenet_v2,
+    "mobilenet_v3_large": mobilenet_v3_large,
+    "mobilenet_v3_small": mobilenet_v3_small,
+    "efficientnet_b0": efficientnet_b0,
+    "vit_small_patch16": vit_small_patch16,
+    "vit_base_patch16": vit_base_patch16,
+    "vit_small_patch14_dinov2": vit_small_patch14_dinov2,
+    "vit_base_patch14_dinov2": vit_base_patch14_dinov2,
+    "vit_small_patch14_reg4_dinov2": vit_small_patch14_reg4_dinov2,
+    "vit_base_patch14_reg4_dinov2": vit_base_patch14_reg4_dinov2,
     "small_cnn": SmallCNN,
     "tiny_cnn": TinyCNN,
 }
@@ -54,7 +81,7 @@ def build_encoder(
 
 def _adopt_encoder(encoder: Encoder, cfg: ModelConfig) -> Encoder:
     if cfg.projector_dims:
-        raise ValueError(
+        raise ModelError(
             f"arch {cfg.arch!r} returned a full Encoder; leave model.projector_dims empty "
             "(the factory defines its own projector)"
         )
@@ -66,7 +93,7 @@ def _adopt_encoder(encoder: Encoder, cfg: ModelConfig) -> Encoder:
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
     """The backbone (or full `Encoder`) named by `cfg.arch`, freshly initialised."""
-    factory = BUILTIN_ARCHS.get(cfg.arch) or import_factory(cfg.arch)
+    factory = BUILTIN_ARCHS.get(cfg.arch) or external_factory(cfg.arch) or import_factory(cfg.arch)
     kwargs = dict(cfg.kwargs)
     params, var_kw = _signature(factory)
     if "in_channels" in params and "in_channels" not in kwargs:
@@ -77,7 +104,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     try:
         built = factory(**kwargs)
     except TypeError as exc:
-        raise ValueError(f"arch {cfg.arch!r} rejected arguments {kwargs}: {exc}") from exc
+        raise ModelError(f"arch {cfg.arch!r} rejected arguments {kwargs}: {exc}") from exc
     return _check_built(built, cfg.arch, declared)
 
 
@@ -85,20 +112,20 @@ def import_factory(spec: str) -> Callable[..., Any]:
     """Callable named by `"package.module:function"` (the attribute may be dotted)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(
+        raise ModelError(
             f"unknown arch {spec!r}: use one of {sorted(BUILTIN_ARCHS)} "
-            "or a factory 'package.module:function'"
+            "or 'timm:<name>', 'torchvision:<name>', or a factory 'package.module:function'"
         )
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"arch {spec!r}: cannot import module {module_name!r}: {exc}") from exc
+        raise ModelError(f"arch {spec!r}: cannot import module {module_name!r}: {exc}") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"arch {spec!r}: {module_name!r} has no attribute {attr!r}")
+            raise ModelError(f"arch {spec!r}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"arch {spec!r}: {attr!r} is not callable")
+        raise ModelError(f"arch {spec!r}: {attr!r} is not callable")
     return obj
 
 
@@ -116,10 +143,10 @@ def _check_built(built: Any, arch: str, declared: Any) -> nn.Module:
     if isinstance(built, Encoder):
         return built
     if not isinstance(built, nn.Module):
-        raise ValueError(f"arch {arch!r} returned {type(built).__name__}, not an nn.Module")
+        raise ModelError(f"arch {arch!r} returned {type(built).__name__}, not an nn.Module")
     if not isinstance(getattr(built, "out_dim", None), int):
         if declared is None:
-            raise ValueError(
+            raise ModelError(
                 f"arch {arch!r} returned a backbone without an int `out_dim`; "
                 "give its feature width as model.kwargs.out_dim"
             )

@@ -31,6 +31,14 @@ log = logging.getLogger(__name__)
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 
+# An embedded Ray is this process's own, on loopback, gone when it exits. Ray (2.60 here) turns
+# token auth on for any new local cluster whose RAY_AUTH_MODE is unset, warns on every start
+# and writes ~/.ray/auth_token (ray/_private/authentication/authentication_token_setup.py);
+# "disabled" keeps it quiet and the home folder untouched. Set for the driver's environment,
+# which the raylet and workers inherit. Never for a cluster joined by address.
+EMBEDDED_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+
+
 def connect(runtime: RuntimeConfig) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start an embedded local Ray."""
     if ray.is_initialized():
@@ -39,7 +47,8 @@ def connect(runtime: RuntimeConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    for name, value in EMBEDDED_ENV.items():  # what the user set wins
+        os.environ.setdefault(name, value)
     temp_dir = runtime.temp_dir or os.path.join(tempfile.gettempdir(), f"issl-ray-{os.getuid()}")
     ray.init(
         address="local",
