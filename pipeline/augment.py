@@ -95,6 +95,28 @@ def sample_view_params(
     u = np.empty((len(seeds), _NUM_U))
     for row, seed in enumerate(seeds):
         u[row] = np.random.Generator(np.random.PCG64(int(seed))).random(_NUM_U)
+    return params_from_uniforms(cfg, u, image_hw)
+
+
+def stratified_uniforms(global_seed: int, block_index: int, block: int) -> np.ndarray:
+    """[block, _NUM_U] uniforms of one Latin-hypercube block of common views.
+
+    Every coordinate of the block's views takes each of the `block` strata [j/block,
+    (j+1)/block) exactly once (a random permutation per coordinate, a uniform offset within
+    the stratum), so e.g. exactly half of 16 views are flipped at flip_p 0.5 and the crop
+    scales cover their range evenly. Blocks are independent draws from (seed, block_index).
+    """
+    h = hashlib.blake2b(digest_size=8, person=b"infl-ssl-sview")
+    h.update(struct.pack("<qQ", int(global_seed), int(block_index)))
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(h.digest(), "little")))
+    strata = np.argsort(rng.random((_NUM_U, block)), axis=1).T  # [block, _NUM_U] permutations
+    return (strata + rng.random((block, _NUM_U))) / block
+
+
+def params_from_uniforms(
+    cfg: AugmentConfig, u: np.ndarray, image_hw: tuple[int, int]
+) -> ViewParams:
+    """View parameters from their [N, _NUM_U] uniform draws (the fixed layout above)."""
     box = _crop_boxes(cfg, u, image_hw)
     jitter = u[:, _U_JITTER] < cfg.jitter_p
     blur = u[:, _U_BLUR] < cfg.blur_p
@@ -350,7 +372,7 @@ def _normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor
     return (x - m) / s
 
 
-VIEW_SEEDINGS = ("common", "key")
+VIEW_SEEDINGS = ("common", "stratified", "key")
 
 
 def common_view_seed(global_seed: int, view: int) -> int:
@@ -369,6 +391,8 @@ class ViewGenerator:
     (seed, k, a // 2, a % 2) (the K-pair layout of earlier indices). Views `offset ..
     offset + V - 1` of the stream are produced: a second, independent set of V views is
     `offset=V`, and more views for a query extend the index's own.
+    `seeding="stratified"`: common views drawn in Latin-hypercube blocks of `block` views
+    (the index's V; `stratified_uniforms`), so views `offset=V` are another independent block.
     """
 
     def __init__(
@@ -378,6 +402,7 @@ class ViewGenerator:
         seed: int,
         seeding: str = "common",
         offset: int = 0,
+        block: int | None = None,
     ) -> None:
         if num_views < 2:
             raise ValueError(f"num_views must be >= 2, got {num_views}")
@@ -387,6 +412,7 @@ class ViewGenerator:
             raise ValueError(f"view offset must be >= 0, got {offset}")
         self.cfg, self.num_views, self.seed = cfg, num_views, seed
         self.seeding, self.offset = seeding, offset
+        self.block = block or num_views
         self._common: dict[tuple[int, int], ViewParams] = {}
 
     def view_indices(self) -> range:
@@ -394,6 +420,8 @@ class ViewGenerator:
 
     def seeds(self, keys: Sequence[str]) -> list[int]:
         """Seeds in output order: key-major, then view index."""
+        if self.seeding == "stratified":
+            raise ValueError("stratified views are drawn per block, not from one seed per view")
         if self.seeding == "common":
             return [common_view_seed(self.seed, a) for _ in keys for a in self.view_indices()]
         return [
@@ -404,9 +432,19 @@ class ViewGenerator:
         if self.seeding == "key":
             return sample_view_params(self.cfg, self.seeds(keys), image_hw)
         if image_hw not in self._common:  # the same V draws for every batch: sample once
-            seeds = [common_view_seed(self.seed, a) for a in self.view_indices()]
-            self._common[image_hw] = sample_view_params(self.cfg, seeds, image_hw)
+            self._common[image_hw] = self._common_params(image_hw)
         return _tile(self._common[image_hw], len(keys))
+
+    def _common_params(self, image_hw: tuple[int, int]) -> ViewParams:
+        if self.seeding == "common":
+            seeds = [common_view_seed(self.seed, a) for a in self.view_indices()]
+            return sample_view_params(self.cfg, seeds, image_hw)
+        first, last = self.offset // self.block, (self.offset + self.num_views - 1) // self.block
+        u = np.concatenate(
+            [stratified_uniforms(self.seed, b, self.block) for b in range(first, last + 1)]
+        )
+        start = self.offset - first * self.block
+        return params_from_uniforms(self.cfg, u[start : start + self.num_views], image_hw)
 
     def __call__(self, images: Tensor, keys: Sequence[str]) -> Tensor:
         """[B, C, H, W] in [0, 1] -> [B, V, C, size, size]; index a is view offset + a."""

@@ -73,7 +73,9 @@ class LossConfig:
     kind: str = "cosine"  # "cosine" (||n(z)-n(z')||^2 = 2 - 2cos) or "l2"
     seed: int = 0  # global seed of the views
     # "common": view a has the same parameters for every example (from seed and a alone);
-    # "key": views drawn per example key.
+    # "stratified": common views drawn as Latin-hypercube blocks of V (each view parameter
+    # covers its range evenly; more reproducible from V = 32 and for refined w, not at 16:
+    # docs/benchmarks.md); "key": views drawn per example key.
     view_seeding: str = "common"
 
 

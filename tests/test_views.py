@@ -107,3 +107,26 @@ def test_examples_per_batch_follows_the_number_of_views() -> None:
     assert engine.use_views(64).examples_per_batch() == config.views_per_batch // 64
     fixed = InfluenceSSL(engine.encoder, dataclasses.replace(config, batch_size=5))
     assert fixed.examples_per_batch() == 5
+
+
+def test_stratified_views_cover_every_stratum_once_per_block() -> None:
+    from pipeline.augment import stratified_uniforms
+
+    u = stratified_uniforms(3, 0, 16)
+    assert u.shape[0] == 16 and ((u >= 0) & (u < 1)).all()
+    strata = (u * 16).astype(int)
+    assert all(sorted(strata[:, d]) == list(range(16)) for d in range(u.shape[1]))
+    assert not (stratified_uniforms(3, 1, 16) == u).any()  # another block, another draw
+    gen = ViewGenerator(dataclasses.replace(AUGMENT, flip_p=0.5), 16, 3, "stratified")
+    assert int(gen.params(["a"], (28, 28)).flip.sum()) == 8  # exactly half flipped
+
+
+def test_stratified_views_continue_in_blocks_of_the_index_views(digits) -> None:
+    x = digits[:2]
+    whole = ViewGenerator(AUGMENT, 48, 5, "stratified", block=16)(x, ["a", "b"])
+    second = ViewGenerator(AUGMENT, 16, 5, "stratified", offset=16)(x, ["a", "b"])
+    straddling = ViewGenerator(AUGMENT, 20, 5, "stratified", offset=12, block=16)(x, ["a", "b"])
+    torch.testing.assert_close(whole[:, 16:32], second)
+    torch.testing.assert_close(whole[:, 12:32], straddling)
+    same = ViewGenerator(AUGMENT, 16, 5, "stratified")(x[[0, 0]], ["a", "z"])
+    torch.testing.assert_close(same[0], same[1])  # common: the same views for every key

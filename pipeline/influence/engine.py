@@ -81,7 +81,12 @@ class InfluenceSSL:
     def view_generator(self, num_views: int | None = None, offset: int = 0) -> ViewGenerator:
         loss = self.config.loss
         return ViewGenerator(
-            self.config.augment, num_views or loss.num_views, loss.seed, loss.view_seeding, offset
+            self.config.augment,
+            num_views or loss.num_views,
+            loss.seed,
+            loss.view_seeding,
+            offset,
+            block=loss.num_views,  # stratified views: blocks of the index's V
         )
 
     def use_views(self, num_views: int | None = None, offset: int = 0) -> InfluenceSSL:
