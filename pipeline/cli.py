@@ -83,6 +83,24 @@ VERBS = {
         "pipeline.validate:ValidateConfig",
         "pipeline.validate:run_validate",
     ),
+    "ingest": Verb(
+        "images (folder, s3:// prefix, or CSV/Parquet list with metadata) -> WebDataset shards; "
+        "resumable, bad files skipped and counted",
+        "pipeline.ingest:IngestConfig",
+        "pipeline.ingest:run_ingest",
+    ),
+    "train": Verb(
+        "train a SimCLR/BYOL/Barlow Twins encoder on shards; write a checkpoint, loss curve "
+        "and a job YAML for fit/build",
+        "pipeline.train:TrainJobConfig",
+        "pipeline.train:run_train",
+    ),
+    "init": Verb(
+        "write a commented job YAML for fit/build around an existing checkpoint",
+        "pipeline.jobfile:InitConfig",
+        "pipeline.jobfile:run_init",
+        "path",
+    ),
 }
 PIPELINE_VERBS = ("fit", "build")
 
