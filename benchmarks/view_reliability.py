@@ -64,6 +64,10 @@ ROWS = [
     Row("all pairs, common views, damping 1.0", 32),
     Row("refined: factors at V = 16, w with 64 views", 16, embed_views=64),
     Row("refined: factors at V = 16, w with 128 views", 16, embed_views=128),
+    Row("stratified views (Latin hypercube blocks), damping 1.0", 16, seeding="stratified"),
+    Row("stratified views, damping 1.0", 32, seeding="stratified"),
+    Row("stratified, refined: w with 64 views", 16, seeding="stratified", embed_views=64),
+    Row("stratified, refined: w with 128 views", 16, seeding="stratified", embed_views=128),
 ]
 
 

@@ -179,6 +179,45 @@ def test_ivfpq_recall_parallel_subsets_and_memory_maps(ivf_index):
     assert few[1].shape == (50, 3) and (few[1] >= 0).all()
 
 
+def test_a_floor_skips_re_ranking_but_keeps_every_hit_above_it(tmp_path, monkeypatch):
+    # Rows near a 24-dimensional subspace (the 32 principal directions keep ~all of their
+    # energy, so the bound is tight) and near-copies of some of them.
+    rng = np.random.default_rng(8)
+    basis = rng.normal(size=(24, 64))
+    vectors = rng.normal(size=(6000, 24)) @ basis + 0.1 * rng.normal(size=(6000, 64))
+    vectors[1::50] = vectors[::50] + 0.05 * rng.normal(size=(120, 64)) @ np.eye(64)
+    vectors = vectors.astype(np.float32)
+    index = write_vector_index(tmp_path, np.split(vectors, 4))
+    build_search_index(index, SearchConfig(**IVF, shard_rows=3000))
+    store = SearchStore(index, threads=1)
+    queries = vectors[::50][:60]
+    fetched: list[int] = []
+    fetch = searchstore.BlockReader.fetch
+
+    def counted(self, ids):
+        fetched.append(len(ids))
+        return fetch(self, ids)
+
+    monkeypatch.setattr(searchstore.BlockReader, "fetch", counted)
+    scores, rows = store.search(queries, 8, candidates=64)
+    full = sum(fetched)
+    for floor in (0.5, 0.9):
+        fetched.clear()
+        got_scores, got_rows = store.search(queries, 8, candidates=64, floor=floor)
+        print(f"floor {floor}: {sum(fetched)} of {full} candidate rows read")
+        assert floor < 0.9 or sum(fetched) < full / 4  # those bounded below it were not read
+        for q in range(len(queries)):
+            want = {r for r, s in zip(rows[q], scores[q], strict=True) if s >= floor}
+            got = {r for r, s in zip(got_rows[q], got_scores[q], strict=True) if s >= floor}
+            assert want == got and len(want) >= 2  # itself and its near-copy at least
+    # The bound itself: nothing it would skip has a cosine at or above the floor.
+    q = searchstore.l2_normalize(np.ascontiguousarray(queries, np.float32))
+    bound = searchstore.skip_below(q, store.trained.reduce(q), 0.5)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    reduced = store.trained.reduce(np.ascontiguousarray(unit, np.float32))
+    assert ((q @ unit.T >= 0.5) <= (store.trained.reduce(q) @ reduced.T >= bound[:, None])).all()
+
+
 def exact_cosines(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)

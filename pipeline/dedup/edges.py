@@ -168,6 +168,7 @@ def edge_batch(uri: str, digest: str, settings: dict, task: dict) -> dict:
             k,
             nprobe=settings["nprobe"],
             candidates=max(k, settings["candidates"]),
+            floor=settings["floor"],  # pairs below it are dropped: skip re-ranking them
         )
         found_scores.append(scores)
         found_rows.append(found)

@@ -674,11 +674,16 @@ class SearchStore:
         opponents: bool = False,
         nprobe: int | None = None,
         candidates: int | None = None,
+        floor: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k global rows by cosine (or inner product) per query, best first; `opponents`
         gives the most negative instead (ascending). IVF-PQ re-ranks `candidates` (default
         300 k) per shard exactly. Returns (scores [Q, k'], rows [Q, k']), k' = min(k, rows
-        searched); missing results have row -1 (score -inf, +inf for opponents)."""
+        searched); missing results have row -1 (score -inf, +inf for opponents).
+
+        `floor` (cosine indexes): only hits scoring >= floor are wanted, so candidates whose
+        PQ score bounds their cosine below it are not re-ranked (`skip_below`); every hit >=
+        floor among the top k is returned as without it, others may be missing."""
         q = self.prepare(queries)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -686,6 +691,8 @@ class SearchStore:
         if opponents:
             q = -q
         plan = self.plan(q, nprobe, candidates, k)
+        if floor is not None and self.kind == "ivfpq" and self.normalized and not opponents:
+            plan["skip_below"] = skip_below(q, plan["small"], float(floor))
         found = self.map(functools.partial(self.search_shard, plan), self.shards)
         scores = np.hstack([f[0] for f in found]) if found else np.empty((len(q), 0), np.float32)
         rows = np.hstack([f[1] for f in found]) if found else np.empty((len(q), 0), np.int64)
@@ -771,7 +778,9 @@ class SearchStore:
         else:
             ivf = self.load_ivf(shard)
             c = min(plan["candidates"], shard["rows"])
-            _, ids = preassigned_search(ivf.index, plan, c)
+            approx, ids = preassigned_search(ivf.index, plan, c)
+            if "skip_below" in plan:
+                ids = np.where(approx >= plan["skip_below"][:, None], ids, -1)
             if not self.resident:
                 del ivf
             with BlockReader(self, shard) as blocks:
@@ -804,6 +813,23 @@ class SearchStore:
                 self._open.setdefault(key, ivf)
             return self._open[key]
         return ivf
+
+
+# Bound on a PQ score's error on unit vectors: q_s . (x_s - x~_s) <= |x_s - x~_s|, the
+# code's reconstruction error (2 dimensions per 8-bit sub-quantiser: a few hundredths).
+PQ_SLACK = 0.1
+
+
+def skip_below(q: np.ndarray, small: np.ndarray, floor: float) -> np.ndarray:
+    """Per query, the PQ score under which a candidate's cosine is surely below `floor`.
+
+    For unit q and x and an orthonormal principal map, cos = q_s . x_s + r_q . r_x with
+    |r_q . r_x| <= |r_q| |r_x| <= |r_q| = sqrt(1 - |q_s|^2), the query's energy outside the
+    kept directions; the PQ score is q_s . x_s up to PQ_SLACK."""
+    kept = np.einsum("qd,qd->q", small, small)
+    total = np.einsum("qd,qd->q", q, q)
+    residual = np.sqrt(np.clip(total - kept, 0.0, None))
+    return (floor - residual - PQ_SLACK).astype(np.float32)
 
 
 def preassigned_search(ivf: faiss.IndexIVFPQ, plan: dict, c: int) -> tuple[np.ndarray, np.ndarray]:
