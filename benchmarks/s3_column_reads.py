@@ -21,12 +21,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.*
-
 from pipeline.rank import RankConfig, run_rank
 from pipeline.storage import S3Storage, open_storage
-from tests.indexes import write_synthetic_index
-from tests.s3server import ACCESS_KEY, SECRET_KEY, CountingProxy, start_s3_server
+from pipeline.testing.indexes import write_synthetic_index
+from pipeline.testing.s3server import ACCESS_KEY, SECRET_KEY, CountingProxy, start_s3_server
 
 BUCKET = "s3-column-reads"
 RESULTS = Path(__file__).resolve().parent / "results" / "s3_column_reads.md"

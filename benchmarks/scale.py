@@ -274,10 +274,9 @@ def run_size(n: int, dimension: int, folder: Path, verbs: list[str]) -> dict:
 
 def s3_agreement(n: int, dimension: int, folder: Path, verbs: list[str]) -> dict:
     """The same verbs on a copy of the index in S3 (moto on loopback); outputs compared."""
-    sys.path.insert(0, str(REPO))
     import boto3
 
-    from tests.s3server import start_s3_server
+    from pipeline.testing.s3server import start_s3_server
 
     server, endpoint = start_s3_server()
     env = {

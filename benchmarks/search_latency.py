@@ -40,15 +40,11 @@ from pipeline.index.searchstore import (
 )
 from pipeline.search import recall_at_k
 from pipeline.storage import open_storage
+from pipeline.testing import clustered
 
 PART_ROWS = 10_000
 K = 10
-
-
-def clustered(rng: np.random.Generator, centres: np.ndarray, n: int) -> np.ndarray:
-    x = centres[rng.integers(len(centres), size=n)]
-    x += 0.5 * rng.standard_normal((n, centres.shape[1]), dtype=np.float32)
-    return x * rng.uniform(0.5, 2.0, size=(n, 1)).astype(np.float32)
+SPREAD = 0.5  # of the points around their centre
 
 
 def write_index(folder: Path, n: int, d: int, centres: int, seed: int) -> tuple[Index, np.ndarray]:
@@ -58,7 +54,7 @@ def write_index(folder: Path, n: int, d: int, centres: int, seed: int) -> tuple[
     storage = open_storage(str(folder))
     shards = []
     for number, lo in enumerate(range(0, n, PART_ROWS)):
-        w = clustered(rng, points, min(PART_ROWS, n - lo))
+        w = clustered(min(PART_ROWS, n - lo), d, points, rng, spread=SPREAD)
         keys = [f"p{number}-{row}" for row in range(len(w))]
         zeros = np.zeros(len(w), np.float32)
         table = part_table(keys, f"s{number}", w, zeros, zeros, [None] * len(w), [{}] * len(w),
@@ -121,7 +117,7 @@ def run(
     started = time.perf_counter()
     index, points = write_index(folder, n, d, centres, seed=0)
     print(f"N={n:,} D={d}: index written in {time.perf_counter() - started:.0f} s", flush=True)
-    queries = clustered(np.random.default_rng(1), points, num_queries)
+    queries = clustered(num_queries, points.shape[1], points, 1, spread=SPREAD)
     _, exact = brute_force_top_k(index, queries, K, normalized=True)
     rows = [
         {"n": n, "d": d, "centres": centres, **row}

@@ -80,8 +80,8 @@ VERBS = {
     ),
     "validate": Verb(
         "measure attribution quality (LDS against baselines, removal test) on bundled digits",
-        "pipeline.validate:ValidateConfig",
-        "pipeline.validate:run_validate",
+        "pipeline.demo.validate:ValidateConfig",
+        "pipeline.demo.validate:run_validate",
     ),
     "ingest": Verb(
         "images (folder, s3:// prefix, or CSV/Parquet list with metadata) -> WebDataset shards; "

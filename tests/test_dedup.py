@@ -41,8 +41,14 @@ from pipeline.influence.engine import InfluenceSSL
 from pipeline.models import build_encoder
 from pipeline.search import l2_normalize
 from pipeline.storage import S3Storage, open_storage
+from pipeline.testing.indexes import (
+    Corpus,
+    image_hashes,
+    inject_duplicates,
+    small_config,
+    write_index,
+)
 from pipeline.train import TrainConfig, train_ssl
-from tests.indexes import Corpus, image_hashes, inject_duplicates, small_config, write_index
 
 
 @pytest.fixture(scope="module")

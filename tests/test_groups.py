@@ -16,8 +16,8 @@ from pipeline.index.parts import META_PREFIX, part_table, stored_meta_fields, ta
 from pipeline.index.reader import Index
 from pipeline.search import l2_normalize
 from pipeline.storage import S3Storage, open_storage
-from tests.indexes import write_index, write_synthetic_index
-from tests.s3server import CountingProxy
+from pipeline.testing.indexes import write_index, write_synthetic_index
+from pipeline.testing.s3server import CountingProxy
 from tests.test_rank import tied_index
 
 

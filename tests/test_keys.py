@@ -26,8 +26,8 @@ from pipeline.index.manifest import FORMAT, write_manifest
 from pipeline.index.parts import part_table, publish_part
 from pipeline.index.reader import Index
 from pipeline.storage import S3Storage, open_storage
-from tests.indexes import write_synthetic_index
-from tests.s3server import CountingProxy
+from pipeline.testing.indexes import write_synthetic_index
+from pipeline.testing.s3server import CountingProxy
 
 BUCKET = "keys-test"
 SMALL = {"bucket_rows": 200, "row_group_rows": 32, "spill_rows": 100}  # 1,200 rows: 6 buckets

@@ -16,14 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import (
-    AugmentConfig,
-    CurvatureConfig,
-    InfluenceConfig,
-    LayerConfig,
-    LossConfig,
-    ProjectionConfig,
-)
+from pipeline.config import LayerConfig, ProjectionConfig
 from pipeline.fit import warn_if_untracked
 from pipeline.influence.attention import attention_forward
 from pipeline.influence.engine import InfluenceSSL, default_keys, frozen_parameters
@@ -32,6 +25,7 @@ from pipeline.influence.layers import GroupedConv2dAdapter, adapter_for
 from pipeline.influence.scoring import influence
 from pipeline.influence.tracker import GradientTracker, coverage_warning
 from pipeline.report import summary_section
+from pipeline.testing import engine_config
 from tests.test_gradients import hooked_gradients, views_of
 
 # torch.func has no batching rule for CPU flash attention (the exact reference only).
@@ -352,21 +346,20 @@ def test_attention_forward_equals_torch_bit_for_bit(mode, batch_first, bias, kwa
 # ----------------------------------------------------------------------------- end to end
 
 
-def engine_config(kind: str = "dense_all") -> InfluenceConfig:
-    return InfluenceConfig(
-        augment=AugmentConfig(size=24),
-        loss=LossConfig(num_views=2, seed=1),
-        projection=ProjectionConfig(dim_in=4, dim_out=4, seed=5),
-        curvature=CurvatureConfig(kind=kind),
-        batch_size=16,
-        device="cpu",
-    )
+# Two views (all pairs, seeded 1), 4 x 4 projections seeded 5, 24 px views.
+SMALL = {
+    "pairs": None,
+    "dims": 4,
+    "batch_size": 16,
+    "loss": {"num_views": 2, "seed": 1},
+    "projection": {"seed": 5},
+}
 
 
 @pytest.mark.parametrize("cls", [MobileBlock, TinyViT])
 def test_blocks_track_every_weight_layer_and_match_exact_influence(digits, cls):
     model = built(cls)
-    engine = InfluenceSSL(model, engine_config())
+    engine = InfluenceSSL(model, engine_config("dense_all", **SMALL))
     tracker = engine.tracker
     coverage = tracker.coverage()
     assert tracker.skipped == {}
@@ -403,7 +396,7 @@ def test_blocks_track_every_weight_layer_and_match_exact_influence(digits, cls):
 @pytest.mark.parametrize("cls", [MobileBlock, TinyViT])
 def test_blocks_fit_ekfac(digits, cls):
     """EK-FAC takes the grouped layers' moment rows and the attention's part rows."""
-    engine = InfluenceSSL(built(cls), engine_config("ekfac")).fit(digits[:32])
+    engine = InfluenceSSL(built(cls), engine_config("ekfac", **SMALL)).fit(digits[:32])
     w = engine.embed(digits[500:504])
     assert w.shape == (4, engine.dimension) and torch.isfinite(w).all()
 

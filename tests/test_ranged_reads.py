@@ -28,8 +28,8 @@ from pipeline.data.lookup import (
     thumbnails,
 )
 from pipeline.storage import S3Storage, open_storage, read_uri_range
-from tests.indexes import small_config
-from tests.s3server import FlakyProxy
+from pipeline.testing.indexes import small_config
+from pipeline.testing.s3server import FlakyProxy
 
 BLOCK = tarfile.BLOCKSIZE
 

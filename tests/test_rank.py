@@ -1,8 +1,8 @@
 """`rank` streamed part by part: range partitions, each sorted alone, equal a full sort.
 
-Synthetic indexes (tests/indexes.py, the real part writer) with heavy ties and NaN, so the
-tie order by key, the ends' cuts and the partition boundaries are all exercised; S3 is moto's
-server on loopback.
+Synthetic indexes (pipeline/testing/indexes.py, the real part writer) with heavy ties and
+NaN, so the tie order by key, the ends' cuts and the partition boundaries are all exercised;
+S3 is moto's server on loopback.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pipeline.rank import (
     run_rank,
 )
 from pipeline.storage import S3Storage, open_storage
-from tests.indexes import write_synthetic_index
+from pipeline.testing.indexes import write_synthetic_index
 
 BUCKET = "rank-test"
 

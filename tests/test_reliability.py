@@ -37,7 +37,7 @@ from pipeline.index.layout import FACTORS, LEASE, MANIFEST, SUMMARY, marker_path
 from pipeline.index.lease import Lease, LeaseHeldError, LeaseLostError
 from pipeline.runtime import pool as pool_module
 from pipeline.storage import LocalStorage, S3Storage, open_storage
-from tests.s3server import FAULTS, SECRET_KEY, FaultProxy
+from pipeline.testing.s3server import FAULTS, SECRET_KEY, FaultProxy
 from tests.test_pipeline import (  # noqa: F401 (checkpoint is a fixture)
     assert_same_vectors,
     checkpoint,

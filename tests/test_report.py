@@ -33,7 +33,7 @@ from pipeline.index.reader import Index
 from pipeline.rank import RankConfig, read_ranked, run_rank
 from pipeline.report import QUERY_RESULTS, ReportConfig, run_report
 from pipeline.storage import S3Storage, open_storage
-from tests.indexes import small_engine, write_index
+from pipeline.testing.indexes import small_engine, write_index
 
 EVIL = "x/<img src=zz onerror=alert(1)>&\"'"  # a valid WebDataset key, hostile as HTML
 DUP_OF = "d0001"  # EVIL is an exact copy of this digit

@@ -28,16 +28,9 @@ from pipeline.index.searchstore import (
 )
 from pipeline.search import recall_at_k
 from pipeline.storage import S3Storage, open_storage
+from pipeline.testing import clustered
 
 IVF = {"kind": "ivfpq", "train_rows": 4000, "reduce_dim": 32}
-
-
-def clustered(n: int, d: int, clusters: int, seed: int) -> np.ndarray:
-    """Points around random centres, with spread in norm (so inner product != cosine)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, d))
-    x = centres[rng.integers(clusters, size=n)] + 0.3 * rng.normal(size=(n, d))
-    return (x * rng.uniform(0.5, 2.0, size=(n, 1))).astype(np.float32)
 
 
 def write_vector_index(folder, parts: list[np.ndarray], z: list[np.ndarray] | None = None) -> Index:

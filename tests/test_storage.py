@@ -1,8 +1,8 @@
 """Storage: the same behaviour for a local folder and for S3.
 
-S3 runs against a real S3-API HTTP server on 127.0.0.1 (moto's, ``tests/s3server.py``), and
-for failures against a proxy that answers 503 SlowDown or cuts bodies: nothing in boto3 is
-mocked, every S3 call here is HTTP.
+S3 runs against a real S3-API HTTP server on 127.0.0.1 (moto's,
+``pipeline/testing/s3server.py``), and for failures against a proxy that answers 503 SlowDown
+or cuts bodies: nothing in boto3 is mocked, every S3 call here is HTTP.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import replace
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-import pipeline.storage as storage_module
+import pipeline.storage.s3 as s3_module
 from pipeline.storage import (
     AccessDeniedError,
     LocalStorage,
@@ -37,7 +37,13 @@ from pipeline.storage import (
     safe_name,
     split_uri,
 )
-from tests.s3server import SECRET_KEY, CountingProxy, FaultProxy, FlakyProxy, _error_response
+from pipeline.testing.s3server import (
+    SECRET_KEY,
+    CountingProxy,
+    FaultProxy,
+    FlakyProxy,
+    _error_response,
+)
 
 MiB = 1 << 20
 BUCKET = "influence-ssl-test"
@@ -450,7 +456,7 @@ def test_broken_body_is_resumed(s3: S3Storage) -> None:
 
 
 def test_list_follows_pages(s3: S3Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage_module, "_LIST_PAGE_SIZE", 2)  # 5 keys -> 3 ListObjectsV2 pages
+    monkeypatch.setattr(s3_module, "_LIST_PAGE_SIZE", 2)  # 5 keys -> 3 ListObjectsV2 pages
     paths = [f"k/{i}" for i in range(5)]
     for path in paths:
         s3.write_bytes(path, b"")
@@ -515,7 +521,7 @@ def test_delete_many(storage: Storage) -> None:
 
 
 def test_delete_many_batches_deleteobjects(s3: S3Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage_module, "_DELETE_BATCH", 3)  # 7 keys -> 3 requests
+    monkeypatch.setattr(s3_module, "_DELETE_BATCH", 3)  # 7 keys -> 3 requests
     paths = [f"k/{i}" for i in range(7)]
     for path in paths:
         s3.write_bytes(path, b"x")

@@ -26,7 +26,7 @@ from pipeline.config import (
 from pipeline.dedup import DedupConfig, grouped_rows, read_dedup_groups, read_keep_list
 from pipeline.index.reader import Index
 from pipeline.query import QueryConfig
-from tests.indexes import image_hashes, small_config, small_engine, write_index
+from pipeline.testing.indexes import image_hashes, small_config, small_engine, write_index
 
 ROWS = 60
 
@@ -301,7 +301,7 @@ def test_every_list_setting_takes_one_value_or_a_comma_list():
     )
     assert config.influence.projection.per_layer == {"layer4*": [32, 16]}
     assert config.index.group_fields == ["label"]
-    from pipeline.validate import ValidateConfig
+    from pipeline.demo.validate import ValidateConfig
 
     assert load_config(ValidateConfig, None, ["methods=tracin"]).methods == ["tracin"]
 

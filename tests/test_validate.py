@@ -10,8 +10,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from pipeline.train import TrainConfig
-from pipeline.validate import (
+from pipeline.demo.validate import (
     METHODS,
     ValidateConfig,
     ceiling,
@@ -23,6 +22,7 @@ from pipeline.validate import (
     spearman,
     subset_masks,
 )
+from pipeline.train import TrainConfig
 
 
 def test_spearman_matches_scipy_with_ties():

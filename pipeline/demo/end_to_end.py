@@ -33,7 +33,7 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.data import write_shards
-from pipeline.digits import digit_augment, shuffled_digits
+from pipeline.demo.digits import digit_augment, shuffled_digits
 from pipeline.influence.reliability import describe as describe_reliability
 from pipeline.models import build_encoder
 from pipeline.train import TrainConfig, train_ssl

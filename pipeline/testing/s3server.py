@@ -1,8 +1,8 @@
-"""A real S3-API HTTP server for tests (moto's, on 127.0.0.1), and a flaky proxy in front of it.
+"""A real S3-API HTTP server (moto's, on 127.0.0.1), and flaky proxies in front of it.
 
-Tests talk to it only over HTTP, exactly as to S3: nothing inside boto3 is mocked. Use the
-session fixture ``s3_endpoint`` (conftest imports it); it points the standard AWS
-environment variables at the server and restores them afterwards.
+Tests and benchmarks talk to it only over HTTP, exactly as to S3: nothing inside boto3 is
+mocked. Needs moto (the test extra). The tests' session fixture ``s3_endpoint`` (in
+``tests/conftest.py``) starts one and points the standard AWS environment variables at it.
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ import random
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 from contextlib import suppress
 from urllib.parse import urlsplit
 
-import pytest
 from moto.server import ThreadedMotoServer
 
 ACCESS_KEY = "testing"
@@ -31,31 +29,6 @@ def start_s3_server() -> tuple[ThreadedMotoServer, str]:
     server.start()
     host, port = server.get_host_and_port()
     return server, f"http://{host}:{port}"
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """The endpoint URL of a session-wide S3 server, with the AWS env pointed at it."""
-    server, endpoint = start_s3_server()
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": "/nonexistent/aws-config",  # no user profile leaks in
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-    }
-    unset = ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION")
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        for name in unset:
-            patch.delenv(name, raising=False)
-        try:
-            yield endpoint
-        finally:
-            server.stop()
 
 
 _SLOWDOWN_BODY = (

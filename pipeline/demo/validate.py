@@ -18,7 +18,7 @@ null distributions of random scores (independent per query, and one random ranki
 by all queries: the queries' losses move together across subsets, so the shared null is
 the wider, honest one for methods with a per-example component).
 
-Run: `python -m pipeline.validate [--config FILE] [--set key=value ...]`.
+Run: `python -m pipeline.demo.validate [--config FILE] [--set key=value ...]`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from pipeline.config import (
     load_config,
     to_dict,
 )
-from pipeline.digits import digit_augment, shuffled_digits
+from pipeline.demo.digits import digit_augment, shuffled_digits
 from pipeline.influence.engine import InfluenceSSL, default_keys
 from pipeline.influence.loss import consistency_loss
 from pipeline.influence.scoring import influence, self_influence
@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config(ValidateConfig, args.config, args.overrides)
     argv = sys.argv[1:] if argv is None else argv
-    run_validate(config, command=shlex.join(["python", "-m", "pipeline.validate", *argv]))
+    run_validate(config, command=shlex.join(["python", "-m", "pipeline.demo.validate", *argv]))
     return 0
 
 
