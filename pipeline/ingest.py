@@ -37,6 +37,7 @@ from PIL import Image
 from pipeline import storage
 from pipeline.data._io import is_remote, local_path
 from pipeline.data.webdataset import DEFAULT_MAX_PIXELS
+from pipeline.data.writer import add_member
 from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -433,8 +434,8 @@ def build_tar(items: list[Item], config: IngestConfig, pool, bar):
                 skipped.append({"source": item.uri, "reason": reason})
                 continue
             data, ext = payload
-            _add(tf, f"{item.key}.{ext}", data)
-            _add(tf, f"{item.key}.json", json.dumps(item.metadata, sort_keys=True).encode())
+            add_member(tf, f"{item.key}.{ext}", data)
+            add_member(tf, f"{item.key}.json", json.dumps(item.metadata, sort_keys=True).encode())
             examples += 1
     return buffer.getvalue(), examples, skipped
 
@@ -508,15 +509,6 @@ def to_png(im: Image.Image) -> bytes:
     out = io.BytesIO()
     im.save(out, format="PNG")
     return out.getvalue()
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    """A member with fixed metadata, so the same inputs give the same shard bytes."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    info.mtime = 0
-    tf.addfile(info, io.BytesIO(data))
 
 
 def remove_stale(out: storage.Storage, prefix: str, count: int) -> None:

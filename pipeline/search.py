@@ -362,22 +362,17 @@ def _rerank_chunk(
     normalized: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     valid = ids >= 0
-    if valid.mean() > 0.5:
-        rows = fetch(np.where(valid, ids, 0).reshape(-1)).reshape(*ids.shape, -1)  # [Q, C, D]
-        scores = np.matmul(rows, q[:, :, None])[..., 0]  # batched BLAS, not an einsum
-        if normalized:  # divide the scores, never the [Q, C, D] rows
-            norms = np.sqrt(np.einsum("qcd,qcd->qc", rows, rows))
-            scores /= np.where(norms > 0, norms, 1)
-        scores = np.where(valid, scores, -np.inf)
-    else:  # mostly skipped candidates: fetch and score only the valid ones
-        scores = np.full(ids.shape, -np.inf, dtype=np.float32)
-        which, col = np.nonzero(valid)
-        rows = fetch(ids[which, col])  # [n, D]
-        found = np.einsum("nd,nd->n", rows, q[which])
-        if normalized:
-            norms = np.sqrt(np.einsum("nd,nd->n", rows, rows))
-            found /= np.where(norms > 0, norms, 1)
-        scores[which, col] = found
+    found = fetch(ids[valid])  # only the candidates not skipped (id -1) are read
+    if len(found) == ids.size:
+        rows = found.reshape(*ids.shape, -1)  # [Q, C, D]
+    else:
+        rows = np.zeros((*ids.shape, found.shape[1]), dtype=found.dtype)
+        rows[valid] = found
+    scores = np.matmul(rows, q[:, :, None])[..., 0]  # batched BLAS, not a Python-speed einsum
+    if normalized:  # divide the scores, never the [Q, C, D] rows
+        norms = np.sqrt(np.einsum("qcd,qcd->qc", rows, rows))
+        scores /= np.where(norms > 0, norms, 1)
+    scores = np.where(valid, scores, -np.inf)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     top_ids = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(ids, order, 1), -1)
     return np.take_along_axis(scores, order, 1), top_ids

@@ -86,14 +86,15 @@ def _tar_bytes(chunk: list[tuple[str, Any, dict[str, Any]]], ext: str, pil_forma
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         for key, image, metadata in chunk:
-            _add(tf, f"{key}.{ext}", _encode(image, pil_format))
-            _add(tf, f"{key}.json", json.dumps(metadata, sort_keys=True).encode("utf-8"))
+            add_member(tf, f"{key}.{ext}", _encode(image, pil_format))
+            add_member(tf, f"{key}.json", json.dumps(metadata, sort_keys=True).encode("utf-8"))
             if "cls" in metadata:
-                _add(tf, f"{key}.cls", str(int(metadata["cls"])).encode("ascii"))
+                add_member(tf, f"{key}.cls", str(int(metadata["cls"])).encode("ascii"))
     return buffer.getvalue()
 
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A member with fixed metadata, so the same inputs give the same shard bytes."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mode = 0o644
