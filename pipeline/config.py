@@ -83,8 +83,8 @@ class LossConfig:
 class ProjectionConfig:
     """Kronecker random projection of each layer's gradient."""
 
-    dim_in: int = 16  # k_in per layer (input side, bias column included); grouped Conv2d: half
-    dim_out: int = 16  # k_out per layer (output side); grouped/depthwise Conv2d: half
+    dim_in: int = 16  # k_in per layer (input side, bias column included)
+    dim_out: int = 16  # k_out per layer (output side)
     # Per-layer overrides: {"layer4.*": [32, 32]} (fnmatch pattern -> [dim_in, dim_out]).
     per_layer: dict[str, list[int]] = field(default_factory=dict)
     kind: str = "gaussian"  # "gaussian" or "rademacher"
