@@ -45,7 +45,9 @@ from pipeline.config import (
 from pipeline.demo import load_digits
 from pipeline.influence.curvature import ProjectedBatch
 from pipeline.influence.engine import InfluenceSSL, default_keys, frozen_parameters
+from pipeline.influence.layers import ExampleRows
 from pipeline.influence.loss import consistency_loss
+from pipeline.influence.tracker import start_graph
 from pipeline.models import build_encoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -147,20 +149,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def round_robin(
-    fns: dict[str, Callable[[], object]], reps: int, device: torch.device
+    fns: dict[str, Callable[[], object]], reps: int, device: torch.device, clock: str = "wall"
 ) -> dict[str, float]:
-    """Median seconds of each fn: one warm-up each, then `reps` rounds over all of them."""
+    """Median seconds of each fn: one warm-up each, then `reps` rounds over all of them.
+
+    clock "cpu": this process's CPU time, which a CPU run at --threads 1 spends whether or not
+    other processes share the cores (wall time counts their turns too)."""
+    now = CLOCKS[clock]
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             synchronize(device)
-            tic = time.perf_counter()
+            tic = now()
             fn()
             synchronize(device)
-            times[name].append(time.perf_counter() - tic)
+            times[name].append(now() - tic)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -194,19 +203,28 @@ def measure(
         loss_of(views.flatten(0, 1)).backward()
         encoder.zero_grad(set_to_none=True)
 
+    first = default.tracker.layers[0].module
+
     def frozen(hooks: bool, backward: bool) -> Callable[[], None]:
+        """The embedding's forward (and backward): frozen parameters, the graph starting at
+        the first tracked layer's output; with the tracker's hooks, or none at all."""
+
         def fn() -> None:
             with frozen_parameters(encoder), torch.enable_grad():
-                x = views.flatten(0, 1).detach().requires_grad_(True)
+                x = views.flatten(0, 1).detach()
                 if hooks:
                     with default.tracker.capture():
                         loss = loss_of(x)
                         if backward:
                             loss.backward()
-                else:
+                    return
+                handle = first.register_forward_hook(lambda m, i, out: start_graph(out))
+                try:
                     loss = loss_of(x)
                     if backward:
                         loss.backward()
+                finally:
+                    handle.remove()
 
         return fn
 
@@ -214,26 +232,32 @@ def measure(
         return lambda: engine.curvature.whiten(engine.project_views(views)[0].gradients()).float()
 
     rows = default.project_views(views)[0].rows
-    gradients = ProjectedBatch(rows=rows).gradients()
+
+    def fresh_gradients() -> dict[str, torch.Tensor]:
+        # New ExampleRows each call: the captured ones keep the gradient once computed.
+        parts = {n: ExampleRows(r.parts, r.num_examples) for n, r in rows.items()}
+        return ProjectedBatch(rows=parts).gradients()
+
+    gradients = fresh_gradients()
     encoder.requires_grad_(True)
-    seconds = round_robin(
-        {
-            "views": lambda: default.make_views(batch_images, batch_keys),
+    fns = {
+        "views": lambda: default.make_views(batch_images, batch_keys),
+        "baseline": baseline,
+        "embed": embed(default),
+    }
+    if not args.ratio_only:
+        fns |= {
             "baseline_forward": baseline_forward,
-            "baseline": baseline,
             "frozen_forward": frozen(hooks=False, backward=False),
             "frozen": frozen(hooks=False, backward=True),
             "hooked_forward": frozen(hooks=True, backward=False),
             "project": lambda: default.project_views(views),
-            "gradients": lambda: ProjectedBatch(rows=rows).gradients(),
+            "gradients": fresh_gradients,
             "whiten": lambda: default.curvature.whiten(gradients),
-            "embed": embed(default),
             "embed_ekfac": embed(ekfac),
             "embed_identity": embed(identity),
-        },
-        setting.reps,
-        default.device,
-    )
+        }
+    seconds = round_robin(fns, args.reps or setting.reps, default.device, args.clock)
     seconds["dimension"] = default.dimension
     seconds["layers"] = len(default.tracker.layers)
     seconds["parameters"] = sum(p.numel() for p in encoder.parameters())
@@ -321,6 +345,8 @@ def report(results: dict, profile: str | None, args: argparse.Namespace) -> str:
             f" --settings {' '.join(args.settings)} --threads {args.threads}"
             f" --profile {args.profile} --device {args.device} --autocast {args.autocast}"
         )
+        command += f" --reps {args.reps}" if args.reps else ""
+        command += f" --clock {args.clock}" if args.clock != "wall" else ""
     summary = table(
         [
             "setting",
@@ -370,6 +396,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", default="resnet18_32", help="setting to profile")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--autocast", default="none", choices=["none", "bf16"])
+    parser.add_argument("--reps", type=int, default=0, help="timed rounds (0: per setting)")
+    parser.add_argument(
+        "--clock", default="wall", choices=list(CLOCKS), help="cpu: process CPU time (CPU runs)"
+    )
+    parser.add_argument(
+        "--ratio-only", action="store_true", help="time only the baseline and the default embed"
+    )
     return parser.parse_args(argv)
 
 
@@ -382,13 +415,19 @@ def main() -> None:
         results[key], table_text = measure(SETTINGS[key], args, profile=key == args.profile)
         profile = table_text or profile
         s = results[key]
+        others = "".join(
+            f", {name} {1e3 * s[f'embed_{name}']:.0f} ms"
+            for name in ("ekfac", "identity")
+            if f"embed_{name}" in s
+        )
         print(
             f"{key}: baseline {1e3 * s['baseline']:.0f} ms, embed ({s['curvature']}) "
-            f"{1e3 * s['embed']:.0f} ms, ekfac {1e3 * s['embed_ekfac']:.0f} ms, identity "
-            f"{1e3 * s['embed_identity']:.0f} ms, ratio {s['baseline'] / s['embed']:.2f} "
+            f"{1e3 * s['embed']:.0f} ms{others}, ratio {s['baseline'] / s['embed']:.2f} "
             f"({time.perf_counter() - tic:.0f}s)",
             flush=True,
         )
+    if args.ratio_only:  # a quick check: the report needs every stage
+        return
     text = report(results, profile, args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "cost.md").write_text(text)

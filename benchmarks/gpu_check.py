@@ -15,14 +15,21 @@ under 5 minutes):
    pixel difference between views made on the GPU and on the CPU.
 2. Throughput. `InfluenceSSL.embed_batch_with_loss` (views made on the GPU + hooked forward
    and backward + per-example projected gradients + whitening) for ResNet-50 at 224 px, 3
-   channels, the default K = 2 pairs and 16 x 16 projection (D = 53 x 256 = 13,568, the
-   `auto` curvature = dense_all). The batch is doubled until CUDA runs out of memory, the cap
-   (`--max-batch`) or the budget; each size is warmed up, synchronised and timed. The dense
-   factors are synthetic (U = I, D = 1): whitening is one [B, D] x [D, D] product whatever U
-   holds, and fitting a 13.6k-dim Fisher is not what is timed. Printed: examples/s, and the
-   fraction of the FLOP floor reached, achieved FLOP/s / peak, where the work is
-   3 x forward FLOPs x 2K views per example (a training step's forward + backward; the engine
-   computes no weight gradients, so 2 x forward is the work it really does, also shown).
+   channels, the default V = 16 views and 16 x 16 projection (D = 53 x 256 = 13,568, the
+   `auto` curvature = dense_all), in fp32 and under bf16 autocast. The projection path is
+   the engine's: Conv2d inputs projected by a convolution with P_in kernels, output
+   gradients by P_out as a 1x1 convolution on the NCHW maps (no transposed copy), both in
+   bf16 under autocast (float32 accumulation inside). The batch is doubled until CUDA runs
+   out of memory, the cap (`--max-batch`) or the budget; each size is warmed up,
+   synchronised and timed. The dense factors are synthetic (U = I, D = 1): whitening is one
+   [B, D] x [D, D] product whatever U holds, and fitting a 13.6k-dim Fisher is not what is
+   timed. Printed: examples/s, and the fraction of the FLOP floor reached, achieved FLOP/s /
+   peak, where the work is 3 x forward FLOPs x V views per example (a training step's
+   forward + backward; the engine computes no weight gradients, so 2 x forward is the work
+   it really does, also shown). Then, at the largest batch that ran (halved while a plain
+   step runs out of memory), the embedding on views made once against a plain forward +
+   backward on the same views (parameters requiring grad, the same loss and autocast):
+   ratio = time(plain) / time(embedding), as `benchmarks/cost.py` measures it on the CPU.
    Forward FLOPs are counted analytically (2 x multiply-adds of every Conv2d and Linear, from
    the layers' shapes, on the meta device). Peaks: H200 SXM datasheet dense figures (bf16
    989.4 TFLOP/s, TF32 494.7 TFLOP/s; the sparse ones are twice these); override them with
@@ -38,7 +45,7 @@ files, no network.
     python benchmarks/gpu_check.py                      # -> benchmarks/results/gpu_h200.md
     python benchmarks/gpu_check.py --smoke --out x.md   # CPU as the "device", tiny models
 
-`--smoke` runs every code path on the CPU in seconds (tests/test_gpu_script.py);
+`--smoke` (or `--quick`) runs every code path on the CPU in seconds (tests/test_gpu_script.py);
 GPU_CHECK_STANDINS=1 forces the stand-ins even where the real packages are installed.
 """
 
@@ -154,6 +161,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.config import AugmentConfig, LossConfig, ModelConfig  # noqa: E402
 from pipeline.influence.curvature.base import flatten  # noqa: E402
 from pipeline.influence.engine import InfluenceSSL, default_keys  # noqa: E402
+from pipeline.influence.loss import consistency_loss  # noqa: E402
 from pipeline.models import build_encoder  # noqa: E402
 from pipeline.testing import engine_config  # noqa: E402
 from pipeline.train import TrainConfig, train_ssl  # noqa: E402
@@ -496,6 +504,49 @@ def search_batches(engine: InfluenceSSL, settings: Settings, deadline: float) ->
     return results
 
 
+def plain_step(engine: InfluenceSSL, views: torch.Tensor) -> Callable[[], None]:
+    """A training step's forward + backward on `views`, no optimiser: the parameters require
+    grad, the engine's loss and autocast, eval mode (as the engine)."""
+    encoder, loss = engine.encoder, engine.config.loss
+    b, v = views.shape[:2]
+
+    def step() -> None:
+        with engine.autocast():
+            z = encoder(views.flatten(0, 1))
+        z = z.float().reshape(b, v, -1)
+        consistency_loss(z, loss.kind, loss.estimator).sum().backward()
+        encoder.zero_grad(set_to_none=True)
+
+    return step
+
+
+def embedding_of(engine: InfluenceSSL, views: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """w of `views` made beforehand: the hooked pass, G~ and whitening."""
+    return lambda: engine.curvature.whiten(engine.project_views(views)[0].gradients())
+
+
+def against_plain(engine: InfluenceSSL, batch: int, settings: Settings) -> dict:
+    """The embedding (views made once) vs a plain forward + backward on the same views, at
+    `batch` examples, halved while either runs out of memory."""
+    device = engine.device
+    while batch >= settings.first_batch:
+        try:
+            images = synthetic_images(batch, settings.timing_source, device, seed=3)
+            views = engine.make_views(images, default_keys(batch))
+            embed_s = timed(embedding_of(engine, views), device, settings.min_seconds)
+            engine.encoder.requires_grad_(True)
+            plain_s = timed(plain_step(engine, views), device, settings.min_seconds)
+            return {"batch": batch, "embed": embed_s, "plain": plain_s, "ratio": plain_s / embed_s}
+        except RuntimeError as exc:
+            if not is_oom(exc):
+                raise
+        finally:
+            engine.encoder.zero_grad(set_to_none=True)
+            free_memory(device)
+        batch //= 2
+    return {"batch": batch, "skipped": "out of memory"}
+
+
 def throughput(settings: Settings, peaks: dict[str, float]) -> dict:
     device = torch.device(settings.device)
     torch.manual_seed(0)
@@ -518,7 +569,8 @@ def throughput(settings: Settings, peaks: dict[str, float]) -> dict:
         engine = InfluenceSSL(encoder, config)
         synthetic_factors(engine)
         print(f"timing {mode}: D = {engine.dimension} ({engine.curvature.kind})", flush=True)
-        results = search_batches(engine, settings, deadline)
+        # Time kept for the comparison with a plain step: two timings of min_seconds each.
+        results = search_batches(engine, settings, deadline - 8 * settings.min_seconds)
         work = 2 * settings.pairs * flops  # forward FLOPs of one example's views
         for r in results:
             if "skipped" not in r:
@@ -527,7 +579,11 @@ def throughput(settings: Settings, peaks: dict[str, float]) -> dict:
                 r["model_ex_s"] = r["batch"] / max(r["embed"] - r["views"], 1e-12)
                 r["floor"] = 3 * work * rate / peaks[mode]
                 r["floor_2x"] = 2 * work * rate / peaks[mode]
-        out["modes"][mode] = {"dimension": engine.dimension, "results": results}
+        done = [r["batch"] for r in results if "skipped" not in r]
+        plain = against_plain(engine, max(done), settings) if done else {"skipped": "no batch"}
+        if "ratio" in plain:
+            print(f"  vs a plain step at batch {plain['batch']}: {plain['ratio']:.2f}x", flush=True)
+        out["modes"][mode] = {"dimension": engine.dimension, "results": results, "plain": plain}
         del engine
         free_memory(device)
     return out
@@ -629,6 +685,27 @@ def throughput_table(timing: dict, settings: Settings, peaks: dict[str, float]) 
     return table(header, body)
 
 
+def plain_table(timing: dict, settings: Settings) -> str:
+    header = [
+        "mode",
+        "batch (examples)",
+        "views per call",
+        "embedding s / batch",
+        "plain forward + backward s / batch",
+        "ratio (plain / embedding)",
+    ]
+    body = []
+    for mode, data in timing["modes"].items():
+        r = data.get("plain", {})
+        if "ratio" not in r:
+            body.append([mode, str(r.get("batch", "-")), "", "", "", r.get("skipped", "-")])
+            continue
+        views = r["batch"] * 2 * settings.pairs
+        cells = [f"{r['embed']:.3f}", f"{r['plain']:.3f}", f"**{r['ratio']:.2f}**"]
+        body.append([mode, str(r["batch"]), str(views), *cells])
+    return table(header, body)
+
+
 def best(timing: dict) -> dict[str, dict]:
     out = {}
     for mode, data in timing["modes"].items():
@@ -673,16 +750,25 @@ def report(command: str, settings: Settings, rows: list[dict], timing: dict, pea
             "## Throughput of the embedding pass",
             "",
             f"`embed_batch_with_loss`: {m.arch}, {m.in_channels} x {settings.timing_size} px "
-            f"views (sources {settings.timing_source} px, views made on the device), K = "
-            f"{settings.pairs} pairs, projection 16 x 16 per layer, D = "
+            f"views (sources {settings.timing_source} px, views made on the device), V = "
+            f"{2 * settings.pairs} views, projection 16 x 16 per layer (bf16 projections "
+            "under autocast, the output gradient's as a 1x1 convolution), D = "
             f"{next(iter(timing['modes'].values()))['dimension'] if timing['modes'] else '-'}, "
             f"dense factors (synthetic). Forward FLOPs per image {flops / 1e9:.4g} G "
-            "(conv + linear, analytic); floor = 3 x forward x 2K per example. Median of "
+            "(conv + linear, analytic); floor = 3 x forward x V per example. Median of "
             f">= 3 synchronised calls and >= {settings.min_seconds} s after 2 warm-ups.",
             "",
             throughput_table(timing, settings, peaks),
             *summary,
             "",
+            "## The embedding against a plain forward + backward (same views)",
+            "",
+            "Views made once; the embedding = hooked forward and backward, per-example "
+            "projected gradients, whitening; the plain step = forward + backward computing "
+            "every weight gradient (parameters require grad), same loss and autocast. Median "
+            "of synchronised calls after 2 warm-ups.",
+            "",
+            plain_table(timing, settings),
         ]
     )
 
@@ -697,7 +783,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tf32", type=float, default=PEAK_TF32, help="FLOP/s")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures")
     parser.add_argument("--skip-checks", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models (CI)")
+    parser.add_argument("--smoke", "--quick", action="store_true", help="CPU, tiny models (CI)")
     return parser.parse_args(argv)
 
 

@@ -63,7 +63,7 @@ def build_under_lease(driver: Driver, config: PipelineConfig) -> dict:
         f"{len(todo)} to process",
         flush=True,
     )
-    progress = Progress("build", len(todo))
+    progress = Progress("build", len(todo), enabled=config.progress)
     failures: list[dict] = []
     restarts = 0
     fresh: dict[str, dict] = {}  # this run's markers, as the workers returned them
@@ -80,6 +80,7 @@ def build_under_lease(driver: Driver, config: PipelineConfig) -> dict:
             pool.broadcast("load_factors", driver.output.read_bytes(FACTORS))
             outcome = pool.run([Task("build_shard", (url,), url) for url in todo], collect)
         finally:
+            progress.close()  # short of the total when shards failed
             pool.shutdown()
         failures = [{"shard": task.label, "error": error} for task, error in outcome.failures]
         restarts = outcome.restarts
@@ -97,7 +98,9 @@ def build_under_lease(driver: Driver, config: PipelineConfig) -> dict:
     if summary["examples"]:
         build_key_lookup(Index(config.output))  # skipped when it covers the parts
         search_map = cluster_map(config.runtime)  # shards built as Ray tasks
-        build_search_index(Index(config.output), config.index.search, map_fn=search_map)
+        build_search_index(
+            Index(config.output), config.index.search, map_fn=search_map, progress=config.progress
+        )
     return summary
 
 

@@ -83,8 +83,8 @@ class LossConfig:
 class ProjectionConfig:
     """Kronecker random projection of each layer's gradient."""
 
-    dim_in: int = 16  # k_in per layer (input side, bias column included)
-    dim_out: int = 16  # k_out per layer (output side)
+    dim_in: int = 16  # k_in per layer (input side, bias column included); grouped Conv2d: half
+    dim_out: int = 16  # k_out per layer (output side); grouped/depthwise Conv2d: half
     # Per-layer overrides: {"layer4.*": [32, 32]} (fnmatch pattern -> [dim_in, dim_out]).
     per_layer: dict[str, list[int]] = field(default_factory=dict)
     kind: str = "gaussian"  # "gaussian" or "rademacher"
@@ -507,3 +507,4 @@ class PipelineConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     overwrite: bool = False  # replace an index built with other settings
     force: bool = False  # take over the output's lease even from a live job (CLI --force)
+    progress: bool = True  # progress on stderr: a tqdm bar on terminals, else a line every 2 s

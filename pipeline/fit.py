@@ -162,8 +162,11 @@ def fit_passes(engine: InfluenceSSL, pool: WorkerPool, sample: list[str]) -> dic
         if engine.curvature.completed:
             state = {k: v.cpu() for k, v in engine.curvature.state_dict().items()}
             pool.broadcast("load_curvature", state, list(engine.curvature.completed))
-        reduced = TreePass(pass_name, sample, len(pool.actors), pool.runtime.max_retries)
-        outcome = pool.run(reduced.tasks(), reduced.collect, reduced.split, reduced.leave_out)
+        reduced = TreePass(
+            pass_name, sample, len(pool.actors), pool.runtime.max_retries, pool.config.progress
+        )
+        with reduced.progress:  # closed short of the total when shards failed
+            outcome = pool.run(reduced.tasks(), reduced.collect, reduced.split, reduced.leave_out)
         failed |= {u for task, _ in outcome.failures for u in reduced.shards_of(task)}
         total = reduced.total()
         if total is None:
@@ -192,12 +195,14 @@ class TreePass:
     that keeps failing is left out as an empty leaf.
     """
 
-    def __init__(self, pass_name: str, sample: list[str], workers: int, retries: int) -> None:
+    def __init__(
+        self, pass_name: str, sample: list[str], workers: int, retries: int, progress: bool = True
+    ) -> None:
         self.pass_name, self.sample, self.retries = pass_name, sample, retries
         self.leaves = len(sample)
         self.level = block_level(self.leaves, workers)
         self.tree = TreeReduce(self.leaves)
-        self.progress = Progress(f"fit/{pass_name}", self.leaves)
+        self.progress = Progress(f"fit/{pass_name}", self.leaves, enabled=progress)
         self.read, self.examples = ReadStats(), 0
         self.nodes: dict[str, int] = {}  # cluster node -> shards it summed
 

@@ -521,6 +521,12 @@ def hits_table(
 # -- output ----------------------------------------------------------------------------------
 
 
+# Refined views suggested when an index's w is below target: on the demo model 256 views
+# reproduce w at median cos 0.97 and a query's top-10 proponents at 0.91 across independent
+# draws (128: 0.94 / 0.87; benchmarks/results/view_designs_refine_demo.md).
+HINT_REFINE = 256
+
+
 def hint_refine(index: Index, config: QueryConfig) -> None:
     """Say so when the index's own w is below the reliability target and nothing was refined."""
     figures = index.manifest.get("reliability") or {}
@@ -532,8 +538,9 @@ def hint_refine(index: Index, config: QueryConfig) -> None:
         return
     print(
         f"\nnote: this index's w reproduces only partly across view draws (median cos "
-        f"{figures['median_cos']:.2f} at V = {figures['views']}); --set refine=128 re-ranks "
-        "the candidates with w of 128 views (their images read back from the shards)"
+        f"{figures['median_cos']:.2f} at V = {figures['views']}); --set refine={HINT_REFINE} "
+        f"re-ranks the candidates with w of {HINT_REFINE} views (their images read back from "
+        "the shards)"
     )
 
 

@@ -39,9 +39,10 @@ AUTO_FLAT_MAX_N = 100_000
 MAX_PQ_M = 64
 PQ_BITS = 8
 _MAX_HEADER = 1 << 16
-_RERANK_CHUNK = 2048
-_RERANK_BYTES = 128 << 20
-RERANK_ROWS = 4096
+# (query, candidate) pairs re-ranked a step: their distinct rows (about half of them on
+# dedup's queries ordered by coarse list) stay within a few MiB, in cache.
+RERANK_PAIRS = 4096
+NORMALIZE_ROWS = 4096
 # PQ codes of high-dimensional whitened vectors rank neighbours coarsely: re-ranking 100 k
 # candidates exactly brings recall@10 to ~1 at a few ms per query (benchmarks/search_latency.py).
 CANDIDATES_PER_RESULT = 100
@@ -195,10 +196,19 @@ class SearchIndex:
         return exact
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation (float32); zero rows stay zero."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.where(norms > 0, norms, 1)).astype(np.float32)
+def l2_normalize(x: np.ndarray, as_float32: bool = False) -> np.ndarray:
+    """Row-wise L2 normalisation (float32); zero rows stay zero. `as_float32`: rows
+    converted to float32 first (else computed in x's dtype). In steps of NORMALIZE_ROWS rows:
+    the values of one whole-array step, without its temporaries."""
+    x = np.asarray(x)
+    out = np.empty(x.shape, np.float32)
+    for lo in range(0, len(x), NORMALIZE_ROWS):
+        rows = x[lo : lo + NORMALIZE_ROWS]
+        rows = rows.astype(np.float32) if as_float32 else rows
+        norms = np.linalg.norm(rows, axis=1, keepdims=True)
+        np.divide(rows, np.where(norms > 0, norms, 1), out=out[lo : lo + NORMALIZE_ROWS],
+                  casting="unsafe")  # fmt: skip
+    return out
 
 
 def default_nlist(n: int) -> int:
@@ -266,8 +276,9 @@ def _principal_map(x: np.ndarray, dim: int) -> faiss.LinearTransform:
 
 def prepared(x: np.ndarray, normalized: bool) -> np.ndarray:
     """Rows as contiguous float32, unit length when `normalized` (float16 input is fine)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return l2_normalize(x) if normalized else x
+    if normalized:
+        return l2_normalize(x, as_float32=True)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def second_moment(x: np.ndarray, normalized: bool, chunk: int = 8192) -> np.ndarray:
@@ -337,24 +348,27 @@ def rerank(
     fetch: Callable[[np.ndarray], np.ndarray],
     k: int,
     normalized: bool,
+    order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best k of each query's candidate `ids` [Q, C] (-1: none) by exact inner product
-    (cosine if `normalized`) with the rows `fetch(ids [n]) -> float32 [n, D]` returns.
-    Returns (scores [Q, k], ids [Q, k]), best first; missing: id -1, score -inf."""
+    (cosine if `normalized`) with the rows `fetch(rows [n]) -> float32 [n, D]` returns.
+    Returns (scores [Q, k], ids [Q, k]), best first; missing: id -1, score -inf.
+
+    Queries go in steps of about RERANK_PAIRS candidates, in `order` (default: as given;
+    queries that share candidates, e.g. of one coarse list, best adjacent); a step fetches
+    each distinct candidate once, `fetch` getting sorted distinct rows."""
+    k = min(k, ids.shape[1])
     out_s = np.empty((len(q), k), dtype=np.float32)
     out_i = np.empty((len(q), k), dtype=np.int64)
-    # Queries per step so the gathered candidate rows stay within _RERANK_BYTES.
-    # and at most RERANK_ROWS rows gathered at once.
-    per_query = max(1, ids.shape[1])
-    step = max(1, min(_RERANK_CHUNK, _RERANK_BYTES // (4 * per_query * q.shape[1])))
-    step = max(1, min(step, RERANK_ROWS // per_query))
+    order = np.arange(len(q)) if order is None else np.asarray(order)
+    step = max(1, RERANK_PAIRS // max(1, ids.shape[1]))
     for lo in range(0, len(q), step):
-        sl = slice(lo, lo + step)
-        out_s[sl], out_i[sl] = _rerank_chunk(q[sl], ids[sl], fetch, k, normalized)
+        chosen = order[lo : lo + step]
+        out_s[chosen], out_i[chosen] = _rerank_step(q[chosen], ids[chosen], fetch, k, normalized)
     return out_s, out_i
 
 
-def _rerank_chunk(
+def _rerank_step(
     q: np.ndarray,
     ids: np.ndarray,
     fetch: Callable[[np.ndarray], np.ndarray],
@@ -362,20 +376,31 @@ def _rerank_chunk(
     normalized: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     valid = ids >= 0
-    found = fetch(ids[valid])  # only the candidates not skipped (id -1) are read
-    if len(found) == ids.size:
-        rows = found.reshape(*ids.shape, -1)  # [Q, C, D]
-    else:
-        rows = np.zeros((*ids.shape, found.shape[1]), dtype=found.dtype)
-        rows[valid] = found
-    scores = np.matmul(rows, q[:, :, None])[..., 0]  # batched BLAS, not a Python-speed einsum
-    if normalized:  # divide the scores, never the [Q, C, D] rows
-        norms = np.sqrt(np.einsum("qcd,qcd->qc", rows, rows))
-        scores /= np.where(norms > 0, norms, 1)
-    scores = np.where(valid, scores, -np.inf)
+    distinct, where = np.unique(ids[valid], return_inverse=True)
+    rows = np.ascontiguousarray(fetch(distinct), dtype=np.float32)  # [U, D], each row once
+    local = np.full(ids.shape, -1, np.int64)
+    local[valid] = where
+    scores = inner_products_by_index(np.ascontiguousarray(q, np.float32), rows, local)
+    if normalized:  # divide the scores by the U row norms, never the rows
+        norms = np.sqrt(np.einsum("ud,ud->u", rows, rows))
+        scores[valid] /= np.where(norms > 0, norms, 1)[where]
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     top_ids = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(ids, order, 1), -1)
     return np.take_along_axis(scores, order, 1), top_ids
+
+
+def inner_products_by_index(q: np.ndarray, rows: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """[Q, C]: q[i] . rows[local[i, j]], -inf where local is -1 (FAISS's SIMD kernel: the
+    candidate rows are never gathered into a [Q, C, D] copy)."""
+    n, c = local.shape
+    out = np.empty((n, c), np.float32)
+    if n and c:
+        local = np.ascontiguousarray(local, np.int64)
+        faiss.fvec_inner_products_by_idx(
+            faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(rows),
+            faiss.swig_ptr(local), q.shape[1], n, c,
+        )  # fmt: skip
+    return out
 
 
 def _split(raw: bytes) -> tuple[dict, bytes]:

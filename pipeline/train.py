@@ -3,21 +3,23 @@ and `influence-ssl train` on a user's shards.
 
 Not a general SSL library: enough to produce a real encoder on bundled data in minutes on a
 CPU, so the demo and the validation measure influence on a model that learned something.
-`run_train` streams the user's WebDataset shards through the project's reader (one local
-process, the GPU when there is one), and writes a safetensors checkpoint, the loss curve and
-a job YAML for `fit` / `build` that names the checkpoint, the arch and the augmentations.
+`run_train` streams the user's WebDataset shards through the project's reader (in this
+process, or in one Ray task: pipeline/runtime/train_task.py; the GPU where there is one),
+and writes a safetensors checkpoint, the loss curve and a job YAML for `fit` / `build` that
+names the checkpoint, the arch and the augmentations.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +29,16 @@ from torch import nn
 
 from pipeline import storage
 from pipeline.augment import ViewGenerator
-from pipeline.config import AugmentConfig, InfluenceConfig, InputConfig, ModelConfig, PipelineConfig
+from pipeline.config import (
+    AugmentConfig,
+    InfluenceConfig,
+    InputConfig,
+    ModelConfig,
+    PipelineConfig,
+    RuntimeConfig,
+)
 from pipeline.errors import UserError
+from pipeline.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +203,39 @@ class TrainJobConfig:
     shuffle_buffer: int = 2000  # examples mixed across shards before batching
     cache_mb: int = 1024  # a corpus whose decoded images fit is read once, then kept in memory
     decode_threads: int = 2  # image-decoding threads of the shard reader
-    progress: bool = True  # a tqdm progress bar on stderr (on terminals)
+    progress: bool = True  # progress on stderr: a tqdm bar on terminals, else a line every 2 s
+    # Train in one Ray task (on a GPU where the cluster has one) when true, or when
+    # runtime.address or $RAY_ADDRESS (a Ray job) names a cluster; else in this process. The
+    # shards must be readable there (s3://, or a shared file system); this process writes
+    # the outputs.
+    ray: bool = False
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def uses_ray(self) -> bool:
+        return self.ray or bool(self.runtime.address or os.environ.get("RAY_ADDRESS"))
+
+
+@dataclass
+class Step:
+    """One optimiser step done: its loss and the examples it trained on."""
+
+    step: int
+    loss: float
+    examples: int
+
+
+@dataclass
+class Trained:
+    """What a finished run hands to the writer (plain data: it travels back from Ray)."""
+
+    state: dict[str, torch.Tensor]  # the encoder's weights, on the CPU
+    losses: list[float]
+    seen: int  # examples trained on
+    seconds: float
+    examples_per_pass: int  # 0 until a whole pass of the shards was read
+    read: dict  # the first pass's read counts (ReadStats.to_dict())
+    device: str
+    where: str = "local"  # "local", or the Ray node that trained
 
 
 def run_train(config: TrainJobConfig) -> dict[str, Any]:
@@ -203,19 +245,57 @@ def run_train(config: TrainJobConfig) -> dict[str, Any]:
         raise UserError(f"train.method {config.train.method!r} is unknown; use one of {METHODS}")
     if config.train.steps < 1 or config.train.batch_size < 2:
         raise UserError("train.steps must be >= 1 and train.batch_size >= 2")
+    if config.uses_ray():
+        from pipeline.runtime.train_task import train_on_ray
+
+        trained = train_on_ray(config, shards, functools.partial(follow, config))
+    else:
+        trained = follow(config, training(config, shards))
+    out = storage.open_storage(config.output)
+    return write_outputs(out, config, trained)
+
+
+def training(config: TrainJobConfig, shards: list[str]) -> Iterator[Step | Trained]:
+    """The run as events: a Step after each optimiser step, then its Trained weights. The
+    same loop here and in a Ray task (pipeline.runtime.train_task); no Ray in it."""
     device = torch.device(_device(config.device))
     torch.manual_seed(config.train.seed)  # the initial weights
     encoder = _encoder(config.model).to(device)
     side = config.input.side or config.augment.size
     stream = ShardStream(shards, side, config.model.in_channels, config)
     batches = batched(iter(stream), config.train.batch_size)
-    first = next(batches)
+    batch = next(batches)
     started = time.perf_counter()
-    losses, seen = fit_steps(encoder, config, first, batches)
+    trainer = SSLTrainer(encoder, config.augment, config.train, batch[0])
+    losses: list[float] = []
+    seen = 0
+    for step in range(config.train.steps):
+        losses.append(trainer.step(batch[0], batch[1], step))
+        seen += len(batch[1])
+        yield Step(step, losses[-1], len(batch[1]))
+        if step + 1 < config.train.steps:
+            batch = next(batches)
     encoder.eval()
-    seconds = time.perf_counter() - started
-    out = storage.open_storage(config.output)
-    return write_outputs(out, config, encoder, losses, stream, seconds, seen)
+    yield Trained(
+        state={k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
+        losses=losses,
+        seen=seen,
+        seconds=time.perf_counter() - started,
+        examples_per_pass=stream.examples,
+        read=stream.stats.to_dict() if stream.stats is not None else {},
+        device=str(device),
+    )
+
+
+def follow(config: TrainJobConfig, events: Iterable[Step | Trained]) -> Trained:
+    """Show a run's steps as they come (progress, loss, ETA on stderr); its Trained."""
+    label = f"train {config.train.method}"
+    with Progress(label, config.train.steps, "steps", enabled=config.progress) as progress:
+        for event in events:
+            if isinstance(event, Trained):
+                return event
+            progress.update(event.examples, note=f"loss {event.loss:.4f}")
+    raise RuntimeError("the training run ended without its weights")
 
 
 def train_shards(config: TrainJobConfig) -> list[str]:
@@ -337,35 +417,13 @@ def _stack(batch: list[Any]) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([s.image for s in batch]), [s.key for s in batch]
 
 
-def fit_steps(encoder: nn.Module, config: TrainJobConfig, first, batches) -> tuple[list, int]:
-    """The losses of `train.steps` steps, and how many examples they trained on."""
-    from tqdm import tqdm
-
-    steps = config.train.steps
-    trainer = SSLTrainer(encoder, config.augment, config.train, first[0])
-    losses: list[float] = []
-    seen = 0
-    bar = tqdm(total=steps, desc=f"train {config.train.method}", unit="step",
-               disable=None if config.progress else True)  # fmt: skip
-    with bar:
-        batch = first
-        for step in range(steps):
-            losses.append(trainer.step(batch[0], batch[1], step))
-            seen += len(batch[1])
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-            if step + 1 < steps:
-                batch = next(batches)
-    return losses, seen
-
-
-def write_outputs(out, config: TrainJobConfig, encoder, losses, stream, seconds, seen) -> dict:
+def write_outputs(out, config: TrainJobConfig, trained: Trained) -> dict:
     from safetensors.torch import save
 
     from pipeline.jobfile import job_yaml
 
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    out.write_bytes("encoder.safetensors", save(state))
+    losses, seen, seconds = trained.losses, trained.seen, trained.seconds
+    out.write_bytes("encoder.safetensors", save(trained.state))
     out.write_bytes("loss.csv", loss_csv(losses).encode("utf-8"))
     out.write_bytes("loss.png", loss_png(losses, config.train.method))
     job = job_config(config, out)
@@ -374,7 +432,7 @@ def write_outputs(out, config: TrainJobConfig, encoder, losses, stream, seconds,
         f"Run: influence-ssl fit --config {out.url('job.yaml')}, then build --config (same)."
     )
     out.write_bytes("job.yaml", job_yaml(job, header).encode("utf-8"))
-    summary = train_summary(config, out, losses, stream, seconds, seen)
+    summary = train_summary(config, out, trained)
     out.write_bytes("train.json", json.dumps(summary, indent=2).encode("utf-8"))
     print(
         f"train: {config.train.method}, {len(losses)} steps, {seen:,} examples seen "
@@ -425,9 +483,9 @@ def loss_png(losses: list[float], method: str) -> bytes:
     return buffer.getvalue()
 
 
-def train_summary(config: TrainJobConfig, out, losses, stream, seconds: float, seen: int) -> dict:
-    stats = stream.stats.to_dict() if stream.stats is not None else {}
-    examples = stream.examples or None
+def train_summary(config: TrainJobConfig, out, trained: Trained) -> dict:
+    stats, losses, seen = trained.read, trained.losses, trained.seen
+    examples = trained.examples_per_pass or None
     return {
         "method": config.train.method,
         "steps": len(losses),
@@ -436,7 +494,9 @@ def train_summary(config: TrainJobConfig, out, losses, stream, seconds: float, s
         # Known once a whole pass was read (not when the steps end within the first pass).
         "examples_per_pass": examples,
         "epochs": round(seen / examples, 2) if examples else None,
-        "seconds": round(seconds, 2),
+        "seconds": round(trained.seconds, 2),
+        "device": trained.device,
+        "ran_on": trained.where,
         "first_loss": losses[0],
         "final_loss": losses[-1],
         "read": {"seen": stats.get("seen"), "skipped": stats.get("skipped")},

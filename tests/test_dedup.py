@@ -33,6 +33,7 @@ from pipeline.dedup import (
     run_dedup,
 )
 from pipeline.dedup import exact as exact_module
+from pipeline.index import searchstore
 from pipeline.index.layout import MANIFEST
 from pipeline.index.manifest import FORMAT
 from pipeline.index.parts import part_table, publish_part
@@ -476,11 +477,21 @@ def test_exact_groups_over_many_buckets_match_hash_edges(planted, monkeypatch):
     ]
 
 
-def test_ivfpq_search_index_finds_the_planted_pairs(tmp_path, capsys):
-    # 2,400 rows: the stored index is IVF-PQ (kind ivfpq); dedup searches it with nprobe 8.
+def test_ivfpq_search_index_finds_the_planted_pairs(tmp_path, capsys, monkeypatch):
+    # 2,400 rows: the stored index is IVF-PQ (kind ivfpq); dedup searches it with nprobe 4,
+    # its rows' nearest lists read from the search index, not searched.
     search = {"kind": "ivfpq", "nlist": 32, "reduce_dim": 0, "shard_rows": 1000}
     uri, _ = planted_index(str(tmp_path / "index"), parts=4, rows=600, search=search)
+    stored = []
+    lists = searchstore.SearchStore.stored_lists
+    monkeypatch.setattr(
+        searchstore.SearchStore,
+        "stored_lists",
+        lambda self, rows, probes: stored.append(lists(self, rows, probes)) or stored[-1],
+    )
     summary = run_dedup(DedupConfig(index=uri, mode="influence", tau=0.95, refine=0))
+    assert stored and all(s is not None and s.shape[1] == 4 for s in stored)
+    assert sum(len(s) for s in stored) == 2400  # every row once
     assert summary["search"] == "search"
     manifest = json.loads(open_storage(uri).read_bytes("search/manifest.json"))
     assert manifest["kind"] == "ivfpq" and len(manifest["shards"]) >= 2
@@ -525,7 +536,8 @@ def test_streaming_refinement_matches_the_in_memory_one(planted, monkeypatch, ca
     run_dedup(config)
     streamed = read_keep_list(index, "influence")
     expected = in_memory(uri, config, StandIn(index, 16).rows)
-    np.testing.assert_array_equal(np.sort(asked[0]), np.sort(asked[1]))  # the same rows
+    streamed_rows = np.concatenate(asked[:-1])  # one call per part, then the in-memory one
+    np.testing.assert_array_equal(np.sort(streamed_rows), np.sort(asked[-1]))  # the same rows
     assert_same_list(streamed, expected)
     group = streamed.column("group").to_pylist()
     original, copy, _ = truth[1]

@@ -62,6 +62,9 @@ def test_smoke_run_writes_the_table_with_standins(tmp_path):
         timed = [r for r in data["results"] if "ex_s" in r]
         assert timed and all(r["ex_s"] > 0 and r["floor"] > 0 for r in timed)
         assert [r["batch"] for r in data["results"]][:3] == [2, 4, 8]
+        plain = data["plain"]  # the same views through a plain forward + backward
+        assert plain["batch"] == max(r["batch"] for r in timed) and plain["ratio"] > 0
+    assert "## The embedding against a plain forward + backward" in text
 
 
 def test_forward_flops_counts_conv_and_linear():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import faiss
@@ -26,7 +27,7 @@ from pipeline.index.searchstore import (
     sample_row_groups,
     search_config_of,
 )
-from pipeline.search import recall_at_k
+from pipeline.search import recall_at_k, rerank
 from pipeline.storage import S3Storage, open_storage
 from pipeline.testing import clustered
 
@@ -209,6 +210,84 @@ def test_a_floor_skips_re_ranking_but_keeps_every_hit_above_it(tmp_path, monkeyp
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     reduced = store.trained.reduce(np.ascontiguousarray(unit, np.float32))
     assert ((q @ unit.T >= 0.5) <= (store.trained.reduce(q) @ reduced.T >= bound[:, None])).all()
+
+
+def test_list_by_list_scan_gives_faiss_scores(ivf_index):
+    index, vectors, _ = ivf_index
+    store = SearchStore(index, threads=1)
+    plan = store.plan(store.prepare(vectors[::7]), nprobe=4, candidates=20, k=10)
+    for shard in store.shards:
+        ivf = store.load_ivf(shard).index
+        want_s, want_i = searchstore.preassigned_search(ivf, plan, 20)
+        got_s, got_i = searchstore.scan_by_list(ivf, plan, 20)
+        np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)  # both descending
+        same = [set(a) == set(b) for a, b in zip(got_i, want_i, strict=True)]
+        assert np.mean(same) >= 0.99 and (got_i >= 0).mean() > 0.9  # ties aside: the same
+    # `scan` takes this path when lists are shared by several queries, FAISS's for one query.
+    one = store.plan(store.prepare(vectors[:1]), nprobe=4, candidates=20, k=10)
+    ivf = store.load_ivf(store.shards[0]).index
+    for p, scanned in ((plan, searchstore.scan_by_list), (one, searchstore.preassigned_search)):
+        np.testing.assert_array_equal(searchstore.scan(ivf, p, 20)[1], scanned(ivf, p, 20)[1])
+
+
+def test_re_rank_reads_each_candidate_once_and_equals_one_by_one(ivf_index, monkeypatch):
+    index, vectors, _ = ivf_index
+    store = SearchStore(index, threads=1)
+    shard = store.shards[0]
+    plan = store.plan(store.prepare(vectors[::5]), nprobe=4, candidates=30, k=10)
+    ids = searchstore.scan(store.load_ivf(shard).index, plan, 30)[1]
+    stored = np.concatenate(
+        [np.load(index.storage.local_path(b["file"])) for b in shard["vectors"]]
+    ).astype(np.float32)
+    # The reference: every candidate on its own, its cosine from its float16 row.
+    cosine = np.einsum("qcd,qd->qc", stored[ids], plan["q"]) / np.linalg.norm(stored[ids], axis=2)
+    cosine = np.where(ids >= 0, cosine, -np.inf)
+    best = np.argsort(-cosine, axis=1, kind="stable")[:, :10]
+    reads, preads = [], []
+    fetch, pread = searchstore.BlockReader.fetch, os.preadv
+
+    def counted(self, rows):
+        reads.append(len(rows))
+        return fetch(self, rows)
+
+    monkeypatch.setattr(searchstore.BlockReader, "fetch", counted)
+    monkeypatch.setattr(os, "preadv", lambda *a: preads.append(1) or pread(*a))
+    with searchstore.BlockReader(store, shard) as blocks:
+        scores, rows = rerank(plan["q"], ids, blocks.fetch, 10, True, plan["order"])
+    np.testing.assert_array_equal(rows, np.take_along_axis(ids, best, 1))
+    np.testing.assert_allclose(scores, np.take_along_axis(cosine, best, 1), rtol=1e-6, atol=1e-6)
+    # Queries of one list share candidates: far fewer rows read than candidates, and runs of
+    # consecutive rows in one pread each.
+    assert sum(reads) < 0.6 * (ids >= 0).sum() and len(preads) <= sum(reads)
+    preads.clear()
+    with searchstore.BlockReader(store, shard) as blocks:
+        some = blocks.fetch(np.array([0, 1, 2, 3, 10, 11, 2999]))
+    np.testing.assert_array_equal(some, stored[[0, 1, 2, 3, 10, 11, 2999]])
+    assert len(preads) == 3
+
+
+def test_rows_own_lists_are_stored_and_replace_the_quantiser_search(ivf_index):
+    index, vectors, manifest = ivf_index
+    store = SearchStore(index, threads=1)
+    rows = np.arange(2500, 3600)  # across both shards
+    small = store.trained.reduce(store.prepare(vectors[rows]))
+    want_d, want_i = store.trained.ivf.quantizer.search(small, searchstore.STORED_PROBES)
+    stored = store.stored_lists(rows, searchstore.STORED_PROBES)
+    assert (stored == want_i).mean() > 0.999  # the lists a search finds (rounding aside)
+    assert store.stored_lists(rows, searchstore.STORED_PROBES + 1) is None
+    plan = store.plan(store.prepare(vectors[rows]), 4, 12, 5, rows=rows)
+    np.testing.assert_array_equal(plan["coarse_i"], stored[:, :4])
+    np.testing.assert_allclose(plan["coarse_d"], want_d[:, :4], rtol=1e-5, atol=1e-5)
+    plain = store.search(vectors[rows], 5, nprobe=4, candidates=12)
+    own = store.search(vectors[rows], 5, nprobe=4, candidates=12, rows=rows)
+    assert (own[1] == plain[1]).mean() > 0.999
+    np.testing.assert_allclose(own[0], plain[0], atol=1e-6)
+    # An older search index, without stored lists, searches the quantiser instead.
+    old = {**manifest, "shards": [{**s, "lists": None} for s in manifest["shards"]]}
+    older = SearchStore(index, old, threads=1)
+    assert older.stored_lists(rows, 4) is None
+    again = older.search(vectors[rows], 5, nprobe=4, candidates=12, rows=rows)
+    np.testing.assert_array_equal(again[1], plain[1])
 
 
 def exact_cosines(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:

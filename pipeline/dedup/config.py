@@ -52,6 +52,7 @@ class DedupConfig:
     # runtime.cpus_per_worker: CPUs (FAISS threads) per batch.
     ray: bool = False
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    progress: bool = True  # progress on stderr: a tqdm bar on terminals, else a line every 2 s
 
     def uses_ray(self) -> bool:
         return self.ray or bool(self.runtime.address)

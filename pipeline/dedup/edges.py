@@ -29,6 +29,7 @@ from pipeline.dedup.config import VECTOR_COLUMN, DedupConfig
 from pipeline.index.columnar import read_columns
 from pipeline.index.parts import table_bytes, vectors
 from pipeline.index.reader import Index
+from pipeline.runtime.progress import Progress
 
 EDGE_FORMAT = "influence-ssl/dedup-edges/1"
 EDGE_SCHEMA = pa.schema([("i", pa.int64()), ("j", pa.int64()), ("cosine", pa.float32())])
@@ -37,6 +38,7 @@ EMBEDDING_SEARCH = "search_z"
 COSINE_SEARCH = "search_w_cosine"
 PARALLEL_READS = 16
 MERGE_BYTES = 64 << 20
+MAX_QUERY_ROWS = 65_536  # queries a search call (~4 D bytes each, as float32, twice)
 
 MapFn = Callable[[Callable, Iterable], list]
 
@@ -104,7 +106,9 @@ def ensure_search(index: Index, config: DedupConfig, map_fn: MapFn | None) -> tu
     else:
         column, directory = "w", "search" if usable else COSINE_SEARCH
     kwargs = {"map_fn": map_fn} if map_fn is not None else {}
-    manifest = build_search_index(index, search, column=column, directory=directory, **kwargs)
+    manifest = build_search_index(
+        index, search, column=column, directory=directory, progress=config.progress, **kwargs
+    )
     if manifest is None or manifest.get("metric") != "cosine":
         raise RuntimeError(f"no cosine search index could be built under {directory}/")
     return directory, manifest
@@ -154,7 +158,7 @@ def edge_batch(uri: str, digest: str, settings: dict, task: dict) -> dict:
     started = time.perf_counter()
     faiss.omp_set_num_threads(max(1, int(settings["threads"])))
     index = open_index(uri, digest)
-    x = read_unit_vectors(index, task["parts"], settings["column"])
+    x = read_vectors(index, task["parts"], settings["column"])
     rows = np.arange(task["first_row"], task["first_row"] + len(x), dtype=np.int64)
     store = SearchStore(
         index, directory=settings["directory"], threads=settings["threads"], resident=False
@@ -169,6 +173,7 @@ def edge_batch(uri: str, digest: str, settings: dict, task: dict) -> dict:
             nprobe=settings["nprobe"],
             candidates=max(k, settings["candidates"]),
             floor=settings["floor"],  # pairs below it are dropped: skip re-ranking them
+            rows=rows[lo : lo + step],  # its own rows: their stored lists, no quantiser search
         )
         found_scores.append(scores)
         found_rows.append(found)
@@ -202,19 +207,18 @@ def edge_batch(uri: str, digest: str, settings: dict, task: dict) -> dict:
 
 def query_rows(k: int, shards: int) -> int:
     """Queries per search call: the shards' top-k arrays merged at once stay near
-    MERGE_BYTES (scores and rows, 12 bytes a hit), however many shards there are."""
-    return int(np.clip(MERGE_BYTES // (12 * k * max(1, shards)), 256, 16_384))
+    MERGE_BYTES (scores and rows, 12 bytes a hit), however many shards there are. Up to
+    MAX_QUERY_ROWS: a call decodes each probed list once and reads a candidate shared by
+    its queries once, so a whole batch in one call reads and decodes least."""
+    return int(np.clip(MERGE_BYTES // (12 * k * max(1, shards)), 256, MAX_QUERY_ROWS))
 
 
-def read_unit_vectors(index: Index, parts: Iterable[int], column: str) -> np.ndarray:
-    """The parts' vectors, unit-normalised in float32 (one copy: normalised in place)."""
+def read_vectors(index: Index, parts: Iterable[int], column: str) -> np.ndarray:
+    """The parts' vectors as stored (float16 or float32): the search normalises them, a
+    step of rows at a time, so no float32 copy of the batch is made."""
     shards = index.manifest["shards"]
     pieces = [vectors(index.read_part(shards[p]["part"], [column]), column) for p in parts]
-    x = np.concatenate(pieces).astype(np.float32, copy=False)
-    del pieces
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x /= np.where(norms > 0, norms, 1)
-    return x
+    return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
 # -- the driver's side ------------------------------------------------------------------------
@@ -242,8 +246,10 @@ def compute_edges(
     run = functools.partial(
         edge_batch, index.storage.uri, manifest_digest(index.manifest), settings
     )
-    for marker in map_fn(run, todo):
-        markers[marker["batch"]] = marker
+    progress = Progress("dedup edges", len(todo), "batches", enabled=config.progress)
+    with progress:
+        for marker in map_fn(progress.counted(run, lambda _, marker: marker["rows"]), todo):
+            markers[marker["batch"]] = marker
     return {
         "directory": directory,
         "batches": [b.id for b in batches],

@@ -46,6 +46,7 @@ from pipeline.dedup.memory import check_columns, scatter
 from pipeline.index.layout import DEDUP_DIR
 from pipeline.index.parts import table_bytes, vectors
 from pipeline.index.reader import Index
+from pipeline.runtime.progress import Progress
 from pipeline.search import l2_normalize
 
 
@@ -109,7 +110,7 @@ def run_dedup(config: DedupConfig) -> dict:
         info, unit = info_reader(index, config), unit_reader(index, config, refined)
         grouped = grouped_rows(i, j, info, unit, config)
     with timed(timings, "write"):
-        write_lists(index, config.mode, grouped, map_fn)
+        write_lists(index, config.mode, grouped, map_fn, config.progress)
     n = int(index.offsets()[-1])
     summary = summarise(grouped, n, config, time.perf_counter() - started)
     summary.update(
@@ -155,7 +156,17 @@ def refine_candidates(
     from pipeline.refine import Refiner  # loads the model: only when there is work for it
 
     rows = refine_order(i, j, cosine, config.refine_max)
-    w, ok = Refiner(index, config.resolved_refine()).rows(rows)
+    refiner = Refiner(index, config.resolved_refine())
+    # One call per part (= shard): the same reads and embedding batches as one call for all,
+    # counted as each shard's rows are done.
+    part = np.searchsorted(index.offsets(), rows, side="right") - 1
+    w, ok = np.zeros((len(rows), index.dimension), np.float32), np.zeros(len(rows), bool)
+    numbers = np.unique(part)
+    with Progress("dedup refine", len(numbers), enabled=config.progress) as progress:
+        for number in numbers:
+            mine = part == number
+            w[mine], ok[mine] = refiner.rows(rows[mine])
+            progress.update(int(mine.sum()))
     order = np.argsort(rows[ok])
     return Refined(rows[ok][order], l2_normalize(np.asarray(w[ok], np.float32))[order])
 
@@ -181,7 +192,9 @@ def unit_reader(index: Index, config: DedupConfig, refined: Refined):
 # -- outputs --------------------------------------------------------------------------------------
 
 
-def write_lists(index: Index, mode: str, grouped: pa.Table, map_fn: MapFn) -> None:
+def write_lists(
+    index: Index, mode: str, grouped: pa.Table, map_fn: MapFn, progress: bool = True
+) -> None:
     """One list part per index part (every row), then groups.parquet; earlier runs' files
     that this run does not rewrite are removed (and the old single `dedup/<mode>.parquet`)."""
     by_row = grouped.sort_by("row")
@@ -193,7 +206,9 @@ def write_lists(index: Index, mode: str, grouped: pa.Table, map_fn: MapFn) -> No
         lo, hi = np.searchsorted(rows, offsets[number : number + 2])
         tasks.append((shard["part"], int(offsets[number]), by_row.slice(lo, hi - lo)))
     digest = manifest_digest(index.manifest)
-    written = map_fn(functools.partial(write_list_part, index.storage.uri, digest, mode), tasks)
+    write = functools.partial(write_list_part, index.storage.uri, digest, mode)
+    with Progress("dedup lists", len(tasks), "parts", enabled=progress) as bar:
+        written = map_fn(bar.counted(write), tasks)
     keep = set(written) | {groups_path(mode)}
     stale = [p for p in index.storage.list(f"{DEDUP_DIR}/{mode}/") if p not in keep]
     stale = [p for p in stale if not p.startswith(f"{DEDUP_DIR}/{mode}/edges/")]

@@ -78,25 +78,32 @@ class InfluenceSSL:
         shapes = [LayerShape(l.name, l.dim_in, l.dim_out) for l in self.tracker.layers]
         self.curvature = make_curvature(shapes, self.config.curvature)
 
-    def view_generator(self, num_views: int | None = None, offset: int = 0) -> ViewGenerator:
+    def view_generator(
+        self, num_views: int | None = None, offset: int = 0, seeding: str | None = None
+    ) -> ViewGenerator:
+        """Views of the index's stream; `seeding` overrides the config's (then stratified
+        views are one Latin-hypercube block of `num_views`, not blocks of the index's V)."""
         loss = self.config.loss
         return ViewGenerator(
             self.config.augment,
             num_views or loss.num_views,
             loss.seed,
-            loss.view_seeding,
+            seeding or loss.view_seeding,
             offset,
-            block=loss.num_views,  # stratified views: blocks of the index's V
+            block=num_views if seeding else loss.num_views,
         )
 
-    def use_views(self, num_views: int | None = None, offset: int = 0) -> InfluenceSSL:
+    def use_views(
+        self, num_views: int | None = None, offset: int = 0, seeding: str | None = None
+    ) -> InfluenceSSL:
         """Embed with views `offset .. offset + num_views - 1` of the same stream from now on.
 
         More views estimate the same expected loss with less noise (a query's w); `offset=V`
         gives a second set independent of the index's (the reliability check). The factors
-        are unchanged.
+        are unchanged. `seeding="stratified"` draws the views as one Latin-hypercube block
+        (refinement: many views, where stratifying pays).
         """
-        self.views = self.view_generator(num_views, offset)
+        self.views = self.view_generator(num_views, offset, seeding)
         return self
 
     def examples_per_batch(self) -> int:

@@ -2,8 +2,11 @@
 
 A tracked layer's weight gradient for one image is `sum_p delta_p a_p^T` over positions `p`.
 Each adapter turns the layer input into projected rows `a~_p = P_in a_p` (bias folded in as
-a constant-1 input) and the output gradient into `delta~_p = P_out delta_p`, both shaped
-[images, positions, k]. The full `a_p` of a large layer is never formed when projecting.
+a constant-1 input) and the output gradient into `delta~_p = P_out delta_p`: rows
+[images, positions, k], or for a convolution its projected maps [images, k, positions]
+(`LayerRows.channels_first`). The full `a_p` of a large layer is never formed when
+projecting. Linear and Conv2d project in the dtype the layer ran in under autocast (bf16),
+with float32 accumulation inside the matmuls and convolutions; the others in float32.
 
 Every adapter states its gradient layout, the [O, I] matrix that P_out (k_out x O) and
 P_in (k_in x I) project: `parameter_names` and `gradient_layout` build it from per-example
@@ -22,24 +25,125 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
 class LayerRows:
-    """Projected rows of one layer for a batch of examples.
+    """Projected rows of one layer: per example of a batch, or per image of one hooked call.
 
-    `gradient()` is `sum_r d_r a_r^T`, unless `grad` holds it: then the rows only reproduce
-    the second moments `sum a a^T` and `sum d d^T` (and may differ in number), which is all
-    the curvature needs of them (see `GroupedConv2dAdapter`).
+    `a` [n, R, k_in] and `d` [n, R, k_out]; `gradient()` is `sum_r d_r a_r^T`, unless `grad`
+    [n, k_out, k_in] holds it: then the rows only reproduce the second moments `sum a a^T`
+    and `sum d d^T` (and may differ in number), which is all the curvature needs of them
+    (see `GroupedConv2dAdapter`).
+
+    `channels_first`: the tensors are held as [n, k, R] (a convolution's projected NCHW maps,
+    flattened, never transposed); `a` and `d` are transposed views of them.
     """
 
-    a: torch.Tensor  # [B, R, k_in]
-    d: torch.Tensor  # [B, R, k_out]
-    grad: torch.Tensor | None = None  # [B, k_out, k_in]
+    def __init__(
+        self,
+        a: torch.Tensor,
+        d: torch.Tensor,
+        grad: torch.Tensor | None = None,
+        *,
+        channels_first: bool = False,
+    ) -> None:
+        self.held_a, self.held_d, self._grad = a, d, grad
+        self.channels_first = channels_first
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self.held_a.mT if self.channels_first else self.held_a
+
+    @property
+    def d(self) -> torch.Tensor:
+        return self.held_d.mT if self.channels_first else self.held_d
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        return self._grad
 
     def gradient(self) -> torch.Tensor:
-        """Per-example projected gradient G~ [B, k_out, k_in]."""
-        if self.grad is not None:
-            return self.grad
-        return torch.einsum("bro,bri->boi", self.d, self.a)
+        """Projected gradient G~ [n, k_out, k_in], float32 for bf16 rows."""
+        if self._grad is not None:
+            return self._grad
+        if self.channels_first:
+            # (a d^T)^T: with the few output rows on the right, 20-30% faster on the CPU.
+            return contract(self.held_a, self.held_d.mT).mT
+        return contract(self.held_d.mT, self.held_a)
+
+    def example_gradient(self, num_examples: int) -> torch.Tensor:
+        """[B, k_out, k_in] of B = num_examples: image i belongs to example i // (n / B)."""
+        n = self.held_a.shape[0]
+        if n == num_examples:
+            return self.gradient()
+        if self._grad is None and not self.channels_first:
+            # An example's rows lie side by side: one contraction per example.
+            return contract(
+                self.example_rows("d", num_examples).mT, self.example_rows("a", num_examples)
+            )
+        # Per image (channels first: in the layout the projections produced), then summed.
+        return self.gradient().unflatten(0, (num_examples, -1)).sum(1).contiguous()
+
+    def example_rows(self, side: str, num_examples: int) -> torch.Tensor:
+        """`a` or `d` grouped by example, [B, R', k]; channels first: a copy of the rows."""
+        held = self.held_a if side == "a" else self.held_d
+        if not self.channels_first:
+            return held.reshape(num_examples, -1, held.shape[-1])
+        return held.unflatten(0, (num_examples, -1)).transpose(2, 3).flatten(1, 2)
+
+
+class ExampleRows(LayerRows):
+    """A layer's rows per example, from the parts (per image) of its calls in one capture.
+
+    The gradient is contracted part by part in the layout the hooks produced; `a` and `d`
+    are laid out by example only when asked for (the curvature's statistics), so the
+    embedding pass, which needs only the gradient, never copies rows.
+    """
+
+    def __init__(self, parts: list[LayerRows], num_examples: int) -> None:
+        self.parts, self.num_examples = parts, num_examples
+        self._cache: dict[str, torch.Tensor | None] = {}
+        self.channels_first = False
+
+    def _combined(self, what: str) -> torch.Tensor | None:
+        if what not in self._cache:
+            b = self.num_examples
+            if what == "grad":
+                has = self.parts[0].grad is not None
+                value = sum(p.example_gradient(b) for p in self.parts) if has else None
+            elif what == "gradient":
+                value = self._combined("grad")
+                if value is None:
+                    value = sum(p.example_gradient(b) for p in self.parts)
+            else:
+                value = torch.cat([p.example_rows(what, b) for p in self.parts], dim=1)
+            self._cache[what] = value
+        return self._cache[what]
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self._combined("a")
+
+    @property
+    def d(self) -> torch.Tensor:
+        return self._combined("d")
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        return self._combined("grad")
+
+    def gradient(self) -> torch.Tensor:
+        return self._combined("gradient")
+
+
+def contract(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Batched x @ y in float32 for bf16 rows (float64 stays float64).
+
+    The rows are the small projected maps (k channels), so the upcast is cheap; the
+    per-example gradient is a sum over positions and views whose terms largely cancel
+    (the views of an example nearly agree), where a bf16 product per image would round
+    away 1-20% of the result (measured on an untrained net)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x, y = x.float(), y.float()
+    return torch.bmm(x, y)
 
 
 class LayerAdapter(Protocol):
@@ -55,17 +159,16 @@ class LayerAdapter(Protocol):
         """[B, O, I] from per-example gradients {parameter name: [B, *shape]}."""
         ...
 
-    def keep_input(self, module: nn.Module, x: torch.Tensor, p_in: torch.Tensor | None) -> Any:
-        """What the forward hook keeps of the layer input until the output gradient comes."""
+    def keep_input(self, module: nn.Module, x: torch.Tensor, p_in: Any) -> Any:
+        """What the forward hook keeps of the layer input until the output gradient comes.
+
+        `p_in`, `p_out`: the tracked layer's matrices (None: identity), or what the
+        adapter's `prepare` (optional) made of them for the dtype the layer ran in.
+        """
         ...
 
     def rows(
-        self,
-        module: nn.Module,
-        kept: Any,
-        g: torch.Tensor,
-        p_in: torch.Tensor | None,
-        p_out: torch.Tensor | None,
+        self, module: nn.Module, kept: Any, g: torch.Tensor, p_in: Any, p_out: Any
     ) -> LayerRows: ...
 
 
@@ -75,19 +178,30 @@ def _append_ones(rows: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.cat([rows, rows.new_ones(shape)], dim=dim)
 
 
-def _project_rows(rows: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
-    return rows if p is None else rows @ p.T
-
-
 def _weight_and_bias(module: nn.Module, grads: dict[str, torch.Tensor]) -> torch.Tensor:
     weight = grads["weight"].flatten(2)
     bias = grads.get("bias")
     return weight if bias is None else torch.cat([weight, bias[..., None]], dim=-1)
 
 
+@dataclass(frozen=True)
+class Projection:
+    """One side's projection as a RowAdapter applies it, made once per device and dtype.
+
+    `weight` None: the identity. The adapters project in `dtype` (bf16 under autocast, else
+    float32); matmuls and convolutions accumulate in float32 inside whatever their inputs.
+    """
+
+    dtype: torch.dtype
+    weight: torch.Tensor | None = None  # Linear: [k, I]; Conv2d: [k, C, kh, kw] kernels
+    bias: torch.Tensor | None = None  # P_in's bias column, folded into the projection
+
+
 class RowAdapter:
     """A layer whose rows pair position by position: a~ kept from the forward, d~ from the
     backward (Linear, Conv2d)."""
+
+    channels_first = False  # how project_input / project_output_grad hand their rows back
 
     def parameter_names(self, module: nn.Module) -> list[str]:
         return [n for n in ("weight", "bias") if getattr(module, n, None) is not None]
@@ -96,17 +210,31 @@ class RowAdapter:
         """The weight flattened to [O, I] (conv: I = C*kh*kw), the bias as a last column."""
         return _weight_and_bias(module, grads)
 
-    def keep_input(self, module, x, p_in):
-        return self.project_input(module, x, p_in)
-
-    def rows(self, module, kept, g, p_in, p_out):
-        return LayerRows(kept, self.project_output_grad(module, g, p_out))
-
-    def project_input(self, module, x, p_in) -> torch.Tensor:
+    def prepare(
+        self, module: nn.Module, p_in: torch.Tensor | None, p_out: torch.Tensor | None, dtype
+    ) -> tuple[Projection, Projection]:
+        """P_in, P_out (already on the device) in the form and dtype the hooks apply them."""
         raise NotImplementedError
 
-    def project_output_grad(self, module, g, p_out) -> torch.Tensor:
+    def keep_input(self, module, x, p_in: Projection):
+        return self.project_input(module, x.to(p_in.dtype), p_in)
+
+    def rows(self, module, kept, g, p_in: Projection, p_out: Projection) -> LayerRows:
+        d = self.project_output_grad(module, g.to(p_out.dtype), p_out)
+        return LayerRows(kept, d, channels_first=self.channels_first)
+
+    def project_input(self, module, x, p_in: Projection) -> torch.Tensor:
         raise NotImplementedError
+
+    def project_output_grad(self, module, g, p_out: Projection) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _split_bias(p: torch.Tensor | None, bias: bool) -> tuple[torch.Tensor | None, ...]:
+    """P_in [a; 1] = P_in[:, :I] a + P_in[:, I]: the ones column becomes a bias."""
+    if p is None or not bias:
+        return p, None
+    return p[:, :-1].contiguous(), p[:, -1].contiguous()
 
 
 class LinearAdapter(RowAdapter):
@@ -125,18 +253,20 @@ class LinearAdapter(RowAdapter):
     def unsupported(self, module: nn.Module) -> str | None:
         return None
 
+    def prepare(self, module, p_in, p_out, dtype):
+        cast = [None if p is None else p.to(dtype) for p in (p_in, p_out)]
+        weight, bias = _split_bias(cast[0], module.bias is not None)
+        return Projection(dtype, weight, bias), Projection(dtype, cast[1])
+
     def project_input(self, module, x, p_in):
-        rows = x.reshape(x.shape[0], -1, x.shape[-1]).float()
-        if module.bias is None:
-            return _project_rows(rows, p_in)
-        if p_in is None:
-            return _append_ones(rows)
-        # P_in [a; 1] = P_in[:, :I] a + P_in[:, I]: no need to append the ones column.
-        return rows @ p_in[:, :-1].T + p_in[:, -1]
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        if p_in.weight is None:
+            return _append_ones(rows) if module.bias is not None else rows
+        return F.linear(rows, p_in.weight, p_in.bias)
 
     def project_output_grad(self, module, g, p_out):
-        rows = g.reshape(g.shape[0], -1, g.shape[-1]).float()
-        return _project_rows(rows, p_out)
+        rows = g.reshape(g.shape[0], -1, g.shape[-1])
+        return rows if p_out.weight is None else F.linear(rows, p_out.weight)
 
 
 def _conv_unsupported(module: nn.Module) -> str | None:
@@ -154,9 +284,14 @@ def _conv_padding(module: nn.Module):
 class Conv2dAdapter(RowAdapter):
     """nn.Conv2d (groups=1, zero padding): rows are output locations, inputs unfolded patches.
 
-    Projecting unfolded patches with P_in is itself a convolution with P_in reshaped to
-    [k_in, C, kh, kw] kernels, so the unfolded input is never materialised.
+    Both projections are convolutions that keep the NCHW layout, so neither the unfolded
+    input nor a transposed copy of the output gradient is ever made: P_in as [k_in, C, kh, kw]
+    kernels with the layer's stride, padding and dilation (its bias column as the bias), and
+    P_out as a 1x1 convolution [k_out, O, 1, 1] on the gradient. The rows stay channels
+    first, [n, k, L]; only these small projected maps are ever laid out otherwise.
     """
+
+    channels_first = True
 
     def input_features(self, module: nn.Module) -> int:
         c, kh, kw = module.weight.shape[1:]
@@ -170,23 +305,50 @@ class Conv2dAdapter(RowAdapter):
             return f"groups={module.groups} (GroupedConv2dAdapter handles it)"
         return _conv_unsupported(module)
 
+    def prepare(self, module, p_in, p_out, dtype):
+        cast = [None if p is None else p.to(dtype) for p in (p_in, p_out)]
+        weight, bias = _split_bias(cast[0], module.bias is not None)
+        if weight is not None:
+            weight = weight.reshape(len(weight), *module.weight.shape[1:]).contiguous()
+        out = None if cast[1] is None else cast[1][:, :, None, None].contiguous()
+        return Projection(dtype, weight, bias), Projection(dtype, out)
+
     def project_input(self, module, x, p_in):
-        x = x.float()
         padding = _conv_padding(module)
-        if p_in is None:
-            patches = F.unfold(
-                x, module.kernel_size, module.dilation, padding, module.stride
-            ).transpose(1, 2)
-            return _append_ones(patches) if module.bias is not None else patches
-        dim_in = p_in.shape[0]
-        kernel = p_in[:, : module.weight[0].numel()].reshape(dim_in, *module.weight.shape[1:])
-        bias = p_in[:, -1] if module.bias is not None else None
-        out = F.conv2d(x, kernel, bias, module.stride, padding, module.dilation)
-        return out.flatten(2).transpose(1, 2)
+        if p_in.weight is None:
+            return conv_patches(x, module, module.bias is not None)
+        out = F.conv2d(x, p_in.weight, p_in.bias, module.stride, padding, module.dilation)
+        return out.flatten(2)
 
     def project_output_grad(self, module, g, p_out):
-        rows = g.float().flatten(2).transpose(1, 2)
-        return _project_rows(rows, p_out)
+        if p_out.weight is None:
+            return g.flatten(2)
+        if g.is_contiguous():
+            # The 1x1 convolution as P_out @ g[n] per image on the NCHW maps as they are:
+            # on the CPU 1.4-5x faster than oneDNN's 1x1 convolution at these shapes.
+            return torch.matmul(p_out.weight[:, :, 0, 0], g.flatten(2))
+        return F.conv2d(g, p_out.weight).flatten(2)  # channels_last: a copy of the result only
+
+
+def conv_patches(x: torch.Tensor, module: nn.Module, ones: bool = False) -> torch.Tensor:
+    """F.unfold's [n, C*kh*kw (+1 row of ones), L] patches of a Conv2d's input.
+
+    Undilated: one strided copy of a sliding-window view (about 4x faster than F.unfold,
+    which on the CPU runs im2col image by image), written straight into the result beside
+    the ones row (no concatenation)."""
+    kh, kw = module.kernel_size
+    (sh, sw), padding = module.stride, _conv_padding(module)
+    if module.dilation != (1, 1):
+        patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+        return _append_ones(patches, dim=1) if ones else patches
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    windows = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # [n,C,H',W',kh,kw]
+    n, c, h, w = windows.shape[:4]
+    out = x.new_empty(n, c * kh * kw + ones, h * w)
+    if ones:
+        out[:, -1] = 1
+    out[:, : c * kh * kw].view(n, c, kh, kw, h, w).copy_(windows.permute(0, 1, 4, 5, 2, 3))
+    return out
 
 
 # Transient float32 elements one chunk of images may hold in GroupedConv2dAdapter.rows.

@@ -6,6 +6,8 @@ the example and every position; the projected per-example gradient is then
 `G~ = sum_r delta~_r a~_r^T` (see `LayerRows.gradient`; grouped convolutions hand on the
 gradient itself). Module forward hooks see Linear and Conv2d layers; a MultiheadAttention
 runs `attention.attention_forward` during a capture, which shows the hooks its projections.
+Under autocast, Linear and Conv2d project in the autocast dtype (bf16) with copies of their
+matrices in it, made once per device and dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from torch import nn
 
 from pipeline.config import LayerConfig, ProjectionConfig
 from pipeline.influence.attention import attention_forward
-from pipeline.influence.layers import LayerAdapter, LayerRows, adapter_for, batch_major
+from pipeline.influence.layers import (
+    ExampleRows,
+    LayerAdapter,
+    LayerRows,
+    adapter_for,
+    batch_major,
+)
 from pipeline.influence.projection import projection_matrix
 
 
@@ -35,6 +43,26 @@ class TrackedLayer:
     features_out: int  # O
     p_in: torch.Tensor | None
     p_out: torch.Tensor | None
+    prepared: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The autocast dtype if autocast is on where the layer runs and its adapter projects
+        in it (Linear, Conv2d), else float32."""
+        device = x.device.type
+        if hasattr(self.adapter, "prepare") and torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return torch.float32
+
+    def projections(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        """(P_in, P_out) as the adapter applies them in `dtype` on `device`, made once."""
+        key = (dtype, device)
+        if key not in self.prepared:
+            p_in, p_out = (None if p is None else p.to(device) for p in (self.p_in, self.p_out))
+            prepare = getattr(self.adapter, "prepare", None)
+            self.prepared[key] = (
+                prepare(self.module, p_in, p_out, dtype) if prepare else (p_in, p_out)
+            )
+        return self.prepared[key]
 
     @property
     def dim_in(self) -> int:
@@ -72,7 +100,7 @@ class Capture:
 
     def rows(self, num_examples: int) -> dict[str, LayerRows]:
         """Group the captured image rows by example: image i belongs to example i // views."""
-        out = {}
+        out: dict[str, LayerRows] = {}
         for name, calls in self.calls.items():
             done = self.done.get(name, {})
             if len(done) != calls:
@@ -80,22 +108,8 @@ class Capture:
                     f"layer {name!r} got {calls} forward calls but {len(done)} "
                     "gradients: it is not on the path from the input to the loss"
                 )
-            parts = [done[i] for i in range(calls)]
-            a = torch.cat([_by_example(p.a, num_examples) for p in parts], dim=1)
-            d = torch.cat([_by_example(p.d, num_examples) for p in parts], dim=1)
-            grad = None
-            if parts[0].grad is not None:
-                grad = sum(_sum_by_example(p.grad, num_examples) for p in parts)
-            out[name] = LayerRows(a, d, grad)
+            out[name] = ExampleRows([done[i] for i in range(calls)], num_examples)
         return out
-
-
-def _by_example(rows: torch.Tensor, num_examples: int) -> torch.Tensor:
-    return rows.reshape(num_examples, -1, rows.shape[-1])
-
-
-def _sum_by_example(grad: torch.Tensor, num_examples: int) -> torch.Tensor:
-    return grad.reshape(num_examples, -1, *grad.shape[1:]).sum(1)
 
 
 def active_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -104,13 +118,20 @@ def active_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(active()) if callable(active) else ("",)
 
 
+def is_active(name: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether module `name` is under an active prefix, or is the module a prefix names
+    ("backbone" for "backbone."), whose own parameters (a ViT's cls_token and pos_embed)
+    get gradient as well."""
+    return name.startswith(prefixes) or f"{name}.".startswith(prefixes)
+
+
 def select_layers(model: nn.Module, layers: LayerConfig) -> tuple[list[str], dict[str, str]]:
     """Names of the layers to track, and the matched-but-skipped ones with the reason."""
     prefixes = active_prefixes(model)
     chosen, skipped = [], {}
     for name, module in model.named_modules():
         adapter = adapter_for(module)
-        if adapter is None or not name.startswith(prefixes):
+        if adapter is None or not is_active(name, prefixes):
             continue
         if not any(fnmatch.fnmatchcase(name, p) for p in layers.include):
             continue
@@ -131,11 +152,24 @@ def select_layers(model: nn.Module, layers: LayerConfig) -> tuple[list[str], dic
     return chosen, skipped
 
 
-def layer_dims(name: str, projection: ProjectionConfig) -> tuple[int, int]:
-    """(dim_in, dim_out) for a layer: the first matching per-layer override, else the default."""
+# Grouped / depthwise Conv2d: this share of the default dims per side. Their few weights per
+# output channel (a 3x3 depthwise: 9) need less room, and MobileNet / EfficientNet have one
+# per block: EfficientNet-B0 at 16 x 16 has D = 18,384 with them at 16 (per-layer dense
+# only), 16,096 at 8 (within max_dense_dim, so the dense Fisher across all layers).
+GROUPED_DIM_SHARE = 0.5
+
+
+def layer_dims(
+    name: str, projection: ProjectionConfig, module: nn.Module | None = None
+) -> tuple[int, int]:
+    """(dim_in, dim_out) for a layer: the first matching per-layer override, else the default
+    (for a grouped or depthwise Conv2d, GROUPED_DIM_SHARE of it per side)."""
     for pattern, dims in projection.per_layer.items():
         if fnmatch.fnmatchcase(name, pattern):
             return int(dims[0]), int(dims[1])
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        share = GROUPED_DIM_SHARE
+        return max(1, int(projection.dim_in * share)), max(1, int(projection.dim_out * share))
     return projection.dim_in, projection.dim_out
 
 
@@ -173,7 +207,7 @@ class GradientTracker:
         f_in, f_out = adapter.input_features(module), adapter.output_features(module)
         p_in = p_out = None
         if projection.enabled:
-            dim_in, dim_out = layer_dims(name, projection)
+            dim_in, dim_out = layer_dims(name, projection, module)
             p_in = projection_matrix(projection.seed, name, "in", dim_in, f_in, projection.kind)
             p_out = projection_matrix(projection.seed, name, "out", dim_out, f_out, projection.kind)
         p_in = None if p_in is None else p_in.to(device)
@@ -193,6 +227,7 @@ class GradientTracker:
         for layer in self.layers:
             layer.p_in = None if layer.p_in is None else layer.p_in.to(device)
             layer.p_out = None if layer.p_out is None else layer.p_out.to(device)
+            layer.prepared.clear()
         return self
 
     @contextmanager
@@ -225,9 +260,10 @@ class GradientTracker:
         """Which parameters of the encoder the tracked layers cover, for the manifest.
 
         `tracked_layers`: name, type, parameters. `skipped_layers`: every other module with
-        parameters of its own that get gradient (normalisation layers aside), with why.
-        `layer_parameters`: counts over the weight parameters, i.e. every parameter under
-        the active prefixes except normalisation layers'.
+        parameters of its own that get gradient (normalisation layers aside), with why; the
+        backbone's own parameters (a ViT's cls_token, pos_embed) among them.
+        `layer_parameters`: counts over the weight parameters, i.e. every parameter of an
+        active module (`is_active`) except normalisation layers'.
         """
         covered = {
             id(getattr(layer.module, n))
@@ -246,7 +282,7 @@ class GradientTracker:
         prefixes = active_prefixes(self.model)
         for name, module in self.model.named_modules():
             own = dict(module.named_parameters(recurse=False))
-            if not own or not name.startswith(prefixes):
+            if not own or not is_active(name, prefixes):
                 continue
             if isinstance(module, NORM_TYPES):
                 norms += _count(module, list(own))
@@ -283,7 +319,9 @@ class GradientTracker:
             return f"unsupported: {self.skipped[name]}"
         if adapter_for(module) is not None:
             return "not selected by layers.include / layers.exclude"
-        return f"no per-example gradient for {type(module).__name__} parameters"
+        why = f"no per-example gradient for {type(module).__name__} parameters"
+        # A container's own parameters (a ViT's cls_token, pos_embed) are named.
+        return why + (f" ({', '.join(left)})" if next(module.children(), None) else "")
 
 
 def coverage_warning(coverage: dict) -> str | None:
@@ -316,7 +354,8 @@ def _attention_owner(layer: TrackedLayer, modules: dict[str, nn.Module]) -> nn.M
 
 
 def _kept(x: torch.Tensor, keep: Callable[[], object]) -> object:
-    # Projections stay in float32 even when the model runs under bf16 autocast.
+    # Autocast off: each projection runs in the dtype its adapter was given (bf16 matrices
+    # for bf16 inputs under autocast, float32 otherwise), never re-cast behind its back.
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         return keep()
 
@@ -337,20 +376,42 @@ def _watch(
     if not torch.is_grad_enabled():
         return output
     # The first tracked layer: the graph starts at its output, so the backward never runs
-    # through (or computes input gradients of) anything before it. The clone keeps in-place
-    # ops that follow (ReLU(inplace=True)) off the leaf.
-    leaf = output.detach().requires_grad_(True)
-    leaf.register_hook(hook)
-    return leaf.clone()
+    # through (or computes input gradients of) anything before it.
+    started = start_graph(output)
+    started.register_hook(hook)
+    return started
+
+
+def start_graph(output: torch.Tensor) -> torch.Tensor:
+    """`output` itself, made the start of the autograd graph (it has no history)."""
+    return _GraphStart.apply(output, torch.empty(0, requires_grad=True))
+
+
+class _GraphStart(torch.autograd.Function):
+    """Identity, in place, that gives a tensor without history a place in the graph (through
+    `anchor`, an empty leaf). Its gradient reaches the hooks and stops: unlike a leaf, it is
+    never accumulated into a `.grad` (a full copy of the layer's output gradient), and unlike
+    a leaf's clone it copies nothing in the forward either; in-place ops that follow
+    (ReLU(inplace=True)) are ordinary in-place ops on a non-leaf."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None]:
+        return None, None
 
 
 def _forward_hook(layer: TrackedLayer, capture: Capture):
     def hook(module, inputs, output):
         x = inputs[0].detach()
-        kept = _kept(x, lambda: layer.adapter.keep_input(module, x, layer.p_in))
+        p_in, p_out = layer.projections(layer.compute_dtype(x), x.device)
+        kept = _kept(x, lambda: layer.adapter.keep_input(module, x, p_in))
 
         def finish(grad: torch.Tensor) -> LayerRows:
-            return layer.adapter.rows(module, kept, grad, layer.p_in, layer.p_out)
+            return layer.adapter.rows(module, kept, grad, p_in, p_out)
 
         used = _watch(layer.name, capture, output, finish)
         return None if used is output else used
@@ -379,10 +440,11 @@ def _watch_attention_out(layer: TrackedLayer, capture: Capture):
 
     def watch(x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         rows = batch_major(x.detach())
-        kept = _kept(rows, lambda: adapter.keep_input(module, rows, layer.p_in))
+        p_in, p_out = layer.projections(layer.compute_dtype(rows), rows.device)
+        kept = _kept(rows, lambda: adapter.keep_input(module, rows, p_in))
 
         def finish(grad: torch.Tensor) -> LayerRows:
-            return adapter.rows(module, kept, batch_major(grad), layer.p_in, layer.p_out)
+            return adapter.rows(module, kept, batch_major(grad), p_in, p_out)
 
         return _watch(layer.name, capture, output, finish)
 

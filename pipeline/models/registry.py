@@ -40,6 +40,7 @@ from .vit import (
     vit_small_patch14_dinov2,
     vit_small_patch14_reg4_dinov2,
     vit_small_patch16,
+    vit_tiny_patch16,
 )
 
 # Every built-in backbone keeps the state-dict keys of its public checkpoints (torchvision,
@@ -52,6 +53,7 @@ BUILTIN_ARCHS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v3_large": mobilenet_v3_large,
     "mobilenet_v3_small": mobilenet_v3_small,
     "efficientnet_b0": efficientnet_b0,
+    "vit_tiny_patch16": vit_tiny_patch16,
     "vit_small_patch16": vit_small_patch16,
     "vit_base_patch16": vit_base_patch16,
     "vit_small_patch14_dinov2": vit_small_patch14_dinov2,

@@ -239,7 +239,7 @@ class VisionTransformer(nn.Module):
 def _vit(
     size: str, patch: int, dinov2: bool, in_channels: int, pool: str, registers: int = 0, **kwargs
 ) -> VisionTransformer:
-    width, heads = {"small": (384, 6), "base": (768, 12)}[size]
+    width, heads = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}[size]
     args: dict = {"patch_size": patch, "embed_dim": width, "num_heads": heads}
     args |= {"in_channels": in_channels, "pool": pool}
     if dinov2:
@@ -250,6 +250,15 @@ def _vit(
             args |= {"num_register_tokens": registers, "interpolate_offset": 0.0}
             args |= {"interpolate_antialias": True}
     return VisionTransformer(**(args | kwargs))
+
+
+def vit_tiny_patch16(in_channels: int = 3, pool: str = "cls", **kwargs) -> VisionTransformer:
+    """ViT-Ti/16 (192 wide, 12 blocks, 3 heads) at 224 px: timm `vit_tiny_patch16_224` (DeiT-Ti).
+
+    The small preset for tests and benchmarks: `embed_dim`, `depth`, `num_heads`,
+    `patch_size` and `img_size` (kwargs) give other sizes with the same keys.
+    """
+    return _vit("tiny", 16, dinov2=False, in_channels=in_channels, pool=pool, **kwargs)
 
 
 def vit_small_patch16(in_channels: int = 3, pool: str = "cls", **kwargs) -> VisionTransformer:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pipeline.config import RuntimeConfig
+from pipeline.runtime.progress import Counted
 
 MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], list]
 
@@ -55,7 +56,9 @@ def ray_map(runtime: RuntimeConfig) -> tuple[MapFn, int]:
         items = list(items)
         if not items:
             return []
-        shared = ray.put(fn)  # sent to the object store once, not once per task
+        # Sent to the object store once, not once per task; a Counted fn counts here.
+        count = fn.count if isinstance(fn, Counted) else None
+        shared = ray.put(fn.fn if isinstance(fn, Counted) else fn)
         results: list[Any] = [None] * len(items)
         pending: dict[Any, int] = {}
         following = iter(enumerate(items))
@@ -65,7 +68,10 @@ def ray_map(runtime: RuntimeConfig) -> tuple[MapFn, int]:
                 break
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            results[pending.pop(ready[0])] = ray.get(ready[0])
+            done = pending.pop(ready[0])
+            results[done] = ray.get(ready[0])
+            if count is not None:
+                count(items[done], results[done])
             for number, item in following:
                 pending[call.remote(shared, item)] = number
                 break

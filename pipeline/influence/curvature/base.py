@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import CurvatureConfig
+from pipeline.errors import UserError
 from pipeline.influence.statistics import Statistics
 from pipeline.influence.tracker import LayerRows
 
@@ -59,6 +60,41 @@ class ProjectedBatch:
     @property
     def num_examples(self) -> int:
         return next(iter(self.gradients().values())).shape[0]
+
+
+class ZeroCurvatureError(UserError, ValueError):
+    """The fitted curvature is all zeros or not finite, so w(x) would be NaN (or all 0)."""
+
+
+def check_fitted(moments: dict[str, torch.Tensor], examples: int | None = None) -> None:
+    """Refuse fitted moments {what: matrix or spectrum} that are not finite or all zero.
+
+    A zero Fisher means every per-example gradient of those layers was zero: whitening
+    would divide 0 by sqrt(0 + lambda = 0), i.e. NaN, and with absolute damping give w = 0.
+    A matrix is a second moment (positive semi-definite), so its diagonal tells both.
+    """
+    over = f"the {examples} fit examples" if examples else "the fit sample"
+    moments = {what: m.diagonal() if m.dim() == 2 else m for what, m in moments.items()}
+    bad = [what for what, m in moments.items() if not bool(torch.isfinite(m).all())]
+    if bad:
+        raise ZeroCurvatureError(
+            f"the fitted curvature of {_named(bad)} is not finite (NaN or inf gradients over "
+            f"{over}): check model.checkpoint, and fit without autocast (autocast=none)"
+        )
+    zero = [what for what, m in moments.items() if int(m.count_nonzero()) == 0]
+    if zero:
+        raise ZeroCurvatureError(
+            f"the per-example gradients of {_named(zero)} are all zero over {over}, so the "
+            "fitted curvature is zero and w(x) would be NaN: the encoder's output does not "
+            "change with the views (an untrained model, or a checkpoint that did not load?); "
+            "check model.checkpoint and augment, or leave those layers out with "
+            "influence.layers.exclude"
+        )
+
+
+def _named(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 DAMPING_MODES = ("spanned", "relative", "absolute")

@@ -13,6 +13,7 @@ from pipeline.influence.curvature.base import (
     Curvature,
     LayerShape,
     ProjectedBatch,
+    check_fitted,
     damping,
     flatten,
     symmetric_eigh,
@@ -47,12 +48,21 @@ class DenseCurvature(Curvature):
             stats.add(f"block{index}/F", g.T @ g, g.shape[0])
 
     def _complete(self, pass_name: str, stats: Statistics) -> None:
-        for index in range(len(self.blocks)):
+        fishers = {
+            self._block_name(b): stats.mean(f"block{i}/F") for i, b in enumerate(self.blocks)
+        }
+        check_fitted(fishers, stats.counts["block0/F"])
+        for index, fisher in enumerate(fishers.values()):
             name = f"block{index}/F"
-            values, vectors = symmetric_eigh(stats.mean(name))
+            values, vectors = symmetric_eigh(fisher)
             lam = damping(values, self.config, stats.counts[name])
             lam = torch.tensor(lam, dtype=torch.float64)
             self.factors[index] = {"U": vectors, "D": values, "lambda": lam}
+
+    def _block_name(self, block: list[LayerShape]) -> str:
+        if len(self.blocks) == 1 and len(self.layers) > 1:
+            return f"all {len(block)} tracked layers"
+        return block[0].name
 
     def _whiten(self, gradients: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = []

@@ -12,6 +12,7 @@ import torch
 from pipeline.influence.curvature.base import (
     Curvature,
     ProjectedBatch,
+    check_fitted,
     damping,
     symmetric_eigh,
 )
@@ -47,6 +48,17 @@ class EkfacCurvature(Curvature):
             stats.add(f"{layer.name}/L", rotated.pow(2).sum(0), rotated.shape[0])
 
     def _complete(self, pass_name: str, stats: Statistics) -> None:
+        # A layer with zero output gradients (S) or zero inputs (A) has zero gradients: refused
+        # after the first pass, not after the second. Per layer, the smaller moment's sum.
+        parts = ("A", "S") if pass_name == "covariance" else ("L",)
+        moments = {
+            layer.name: torch.stack(
+                [stats.mean(f"{layer.name}/{p}").abs().sum() for p in parts]
+            ).amin()
+            for layer in self.layers
+        }
+        first = f"{self.layers[0].name}/L"
+        check_fitted(moments, stats.counts[first] if pass_name != "covariance" else None)
         for layer in self.layers:
             if pass_name == "covariance":
                 _, q_in = symmetric_eigh(stats.mean(f"{layer.name}/A"))
