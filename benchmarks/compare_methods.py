@@ -48,7 +48,7 @@ checks the extrapolation. Wall and process CPU seconds are reported per method (
 thread: on a loaded machine CPU time is the steadier).
 
 Run from the repository root, one thread: `OMP_NUM_THREADS=1 python
-benchmarks/compare_methods.py` (about 30 min of CPU at the defaults, 1 h wall on the shared
+benchmarks/compare_methods.py` (26 min of CPU at the defaults, 47 min wall on the shared
 2-core machine). Develop with `--num-train 400 --queries 100 300 --steps 10`. Writes
 `benchmarks/results/compare_methods.md`. Needs the bench extras and kronfluence (install
 line in benchmarks/kronfluence_agreement.py).
@@ -70,7 +70,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from pipeline.config import AugmentConfig, ModelConfig
 from pipeline.demo import load_digits
@@ -81,7 +80,7 @@ from pipeline.influence.loss import consistency_loss
 from pipeline.influence.projection import stable_seed
 from pipeline.influence.scoring import influence
 from pipeline.models import build_encoder
-from pipeline.testing import engine_config, spearman, top_overlap
+from pipeline.testing import ViewDataset, engine_config, spearman, top_overlap
 from pipeline.train import TrainConfig, train_ssl
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compare_methods.md"
@@ -294,19 +293,6 @@ def make_views(engine: InfluenceSSL, split: Split, count: int | None = None) -> 
 
     out, seconds = clock(views)
     return Split(images, keys, out, seconds)
-
-
-class ViewDataset(Dataset):
-    """Precomputed views [N, V, C, s, s]; item i is example i's [V, C, s, s]."""
-
-    def __init__(self, views: torch.Tensor) -> None:
-        self.views = views
-
-    def __len__(self) -> int:
-        return len(self.views)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.views[index]
 
 
 # -- Influence-SSL --------------------------------------------------------------------------

@@ -18,8 +18,14 @@ embedding pass is no slower than a plain forward+backward). Each variant is warm
 the variants are timed round-robin (so load from other processes hits them alike) and the
 median is kept.
 
-Run from the repository root: `python benchmarks/cost.py` (about 5 minutes on 2 idle CPU
-cores; `--device cuda --autocast bf16` on a GPU). Writes `benchmarks/results/cost.md`.
+The embed side's stages: "frozen" runs the same graph as the embedding (parameters frozen,
+the graph starting at the first tracked layer's output) without the tracker's hooks.
+
+Run from the repository root: `python benchmarks/cost.py --threads 1 --clock cpu` (about
+18 minutes at one thread, ResNet-18 most of it; `--device cuda --autocast bf16` on a GPU).
+`--clock cpu` times the process's CPU time, which other jobs on shared cores do not inflate;
+`--reps N` overrides the rounds; `--ratio-only` times the baseline and the default embed
+alone and prints the ratio (no report). Writes `benchmarks/results/cost.md`.
 """
 
 from __future__ import annotations
@@ -150,6 +156,10 @@ def synchronize(device: torch.device) -> None:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_NOTES = {
+    "wall": ", wall time",
+    "cpu": ", the process's CPU time (other jobs sharing the cores do not count)",
+}
 
 
 def round_robin(
@@ -375,7 +385,8 @@ def report(results: dict, profile: str | None, args: argparse.Namespace) -> str:
         f"threads, {precision}. Default engine: V = 16 views, all-pairs cosine consistency "
         "loss, 256 views per batch, 16 x 16 projection on every Linear/Conv2d layer, curvature "
         "`auto`. Same views and batch for both sides; view generation is timed separately and "
-        "excluded from both. Median of round-robin repetitions after a warm-up. ratio = embed "
+        "excluded from both. Median of round-robin repetitions after a warm-up"
+        f"{CLOCK_NOTES[args.clock]}. ratio = embed "
         "ex/s / baseline ex/s = time(plain forward+backward) / time(embed) (target >= 1.0)."
         f"\n\n{summary}\n## Where the time goes\n\n"
         "Stages are differences of separately timed runs (so small ones are noisy); shares "

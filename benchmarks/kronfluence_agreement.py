@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from scipy.stats import pearsonr
 from torch import nn
-from torch.utils.data import Dataset
 
 from pipeline.config import LossConfig
 from pipeline.influence.engine import InfluenceSSL, default_keys
@@ -43,7 +42,7 @@ from pipeline.influence.exact import damped_inverse_scores, exact_gradients
 from pipeline.influence.loss import consistency_loss
 from pipeline.influence.scoring import influence
 from pipeline.models import MixedNet
-from pipeline.testing import engine_config, top_overlap
+from pipeline.testing import ViewDataset, engine_config, top_overlap
 from pipeline.testing import spearman as rho
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kronfluence_agreement.md"
@@ -55,19 +54,6 @@ DAMPING = 0.1  # both: lambda = 0.1 * mean(L) per layer (kronfluence: damping_fa
 TOP = 10
 BATCH = 128
 REPEATS = 2
-
-
-class ViewDataset(Dataset):
-    """Precomputed views [N, 2K, C, s, s]; item i is example i's [2K, C, s, s]."""
-
-    def __init__(self, views: torch.Tensor) -> None:
-        self.views = views
-
-    def __len__(self) -> int:
-        return len(self.views)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.views[index]
 
 
 def load_digits(num_train: int, num_query: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,11 @@ at a time on one thread (median ms), recall@10 against an exact scan.
     python benchmarks/scale.py                       # N = 10^5, 10^6, 4 x 10^6
     python benchmarks/scale.py --sizes 100000 --s3   # also from and to S3 (moto on loopback)
 
-Writes `benchmarks/results/scale.md` (appends a section). Needs ~2.1 N D bytes of disk.
+Writes `benchmarks/results/scale.md` (appends a section; `--results` elsewhere). Needs
+~2.1 N D bytes of disk. One verb on an index already written (`--keep`), in this process:
+
+    OMP_NUM_THREADS=1 python benchmarks/scale.py --child latency --root /tmp/issl-scale/n1000000
+    OMP_NUM_THREADS=1 python benchmarks/scale.py --child dedup_batch --root ...   # one batch
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ VERBS = (
     "dedup_embedding",
     "report",
 )
+# Also a child verb, not in the table: "dedup_batch", one edge batch timed alone.
 
 
 # -- the synthetic index -------------------------------------------------------------------------
@@ -181,6 +186,8 @@ def run_verb(verb: str, root: str, dimension: int) -> dict:
 
         stats, _ = run_groups(GroupsConfig(index=root, field="source"))
         return {"groups": stats.num_rows}
+    if verb == "dedup_batch":
+        return dedup_batch(root)
     if verb.startswith("dedup_"):
         from pipeline.dedup import DedupConfig, run_dedup
         from pipeline.index.layout import DEDUP_DIR
@@ -197,6 +204,40 @@ def run_verb(verb: str, root: str, dimension: int) -> dict:
         run_report(ReportConfig(index=root))
         return {}
     raise ValueError(f"unknown verb {verb!r}")
+
+
+def dedup_batch(root: str) -> dict:
+    """One of dedup's edge batches (the middle one, influence mode, default settings) alone:
+    its rows per second of wall time and of this process's CPU time (the figure that holds
+    on a shared machine). Its edges are written as dedup writes them."""
+    from pipeline.dedup import DedupConfig
+    from pipeline.dedup.edges import (
+        batch_settings,
+        edge_batch,
+        ensure_search,
+        fingerprint,
+        manifest_digest,
+        plan_batches,
+    )
+    from pipeline.index.reader import Index
+
+    index = Index(root)
+    config = DedupConfig(index=root, mode="influence", refine=0)
+    directory, search = ensure_search(index, config, None)
+    settings = batch_settings(config, directory, search, threads=1)
+    batches = plan_batches(index, config.chunk)
+    batch = batches[len(batches) // 2]
+    task = {"batch": batch.id, "parts": list(batch.parts), "first_row": batch.first_row}
+    task["fingerprint"] = fingerprint(settings, index, batch)
+    wall, cpu = time.perf_counter(), time.process_time()
+    marker = edge_batch(root, manifest_digest(index.manifest), settings, task)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "rows": marker["rows"],
+        "edges": marker["edges"],
+        "rows_per_s": round(marker["rows"] / wall),
+        "rows_per_cpu_s": round(marker["rows"] / cpu),
+    }
 
 
 def latency(root: str, dimension: int) -> dict:
@@ -320,7 +361,7 @@ def compare_outputs(local: str, remote: str) -> dict:
     return same
 
 
-def write_results(dimension: int, sizes: list[int], found: dict) -> None:
+def write_results(dimension: int, sizes: list[int], found: dict, results: Path = RESULTS) -> None:
     verbs = [v for v in VERBS if any(v in found[n] for n in sizes)]
     lines = [
         f"\n## {time.strftime('%Y-%m-%d %H:%M')}: D = {dimension:,} (float16 w), "
@@ -346,8 +387,8 @@ def write_results(dimension: int, sizes: list[int], found: dict) -> None:
         lines.append(f"- N = {n:,}: {json.dumps(extra)}")
     if "s3" in found:
         lines.append(f"- S3 (N = {sizes[0]:,}): {json.dumps(found['s3'])}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as f:
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -360,7 +401,8 @@ def main() -> None:
     parser.add_argument("--folder", default="/tmp/issl-scale")
     parser.add_argument("--s3", action="store_true", help="also run at the smallest N from S3")
     parser.add_argument("--keep", action="store_true", help="keep the indexes on disk")
-    parser.add_argument("--child")
+    parser.add_argument("--results", default=str(RESULTS), help="where to append the table")
+    parser.add_argument("--child", help="run one verb (or dedup_batch) on --root, print it")
     parser.add_argument("--root")
     args = parser.parse_args()
     if args.child:
@@ -376,7 +418,7 @@ def main() -> None:
             found["s3"] = s3_agreement(n, args.dim, folder, verbs)
         if not args.keep:
             shutil.rmtree(folder / f"n{n}", ignore_errors=True)
-    write_results(args.dim, sizes, found)
+    write_results(args.dim, sizes, found, Path(args.results))
 
 
 if __name__ == "__main__":

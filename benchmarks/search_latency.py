@@ -5,7 +5,7 @@ scaled by U(0.5, 2)) at `--dim` (default 1,024), written as a real index (Parque
 10,000 rows, float16 w) and indexed by `build_search_index` with the default settings, as
 `build` does. Latency: one query at a time through `SearchStore.search` on one thread
 (`threads=1`; run under OMP_NUM_THREADS=1 so BLAS is single-threaded too), top-10 by cosine,
-shards open after a warm-up query (re-rank vectors memory-mapped per call); recall@10 is
+shards open after a warm-up query (re-rank vectors read with pread per call); recall@10 is
 against the exact top-10 of a scan of every part (`brute_force_top_k`). The first row of each
 size is the defaults; the others sweep nprobe and the candidates re-ranked.
 

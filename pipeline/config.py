@@ -135,7 +135,8 @@ class InfluenceConfig:
     batch_size: int = 0
     views_per_batch: int = 256  # views per forward pass when batch_size is 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    # "bf16": the model's forward/backward under bf16 autocast; projections, statistics and
+    # "bf16": the model's forward/backward under bf16 autocast, and the Linear / Conv2d
+    # projections in bf16 (float32 accumulation); per-example gradients, statistics and
     # whitening stay in float32/float64. "none": float32 throughout. bf16 needs a trained
     # encoder: at near-zero consistency loss (views that map to the same z) its rounding
     # swamps the difference of the two views' representations.

@@ -18,7 +18,7 @@ Serialized layout (``to_bytes``): ``MAGIC`` (8 bytes) | header length (uint64 LE
 
 The stored, sharded index (`pipeline.index.searchstore`) reuses the pieces: `second_moment`
 and `principal_map` (chunked, float16 input), `reduced`, `train_ivfpq`, and `rerank` over rows
-from any `fetch` (its memory-mapped float16 blocks).
+from any `fetch` (its float16 blocks, read with pread), each distinct candidate of a step once.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ AUTO_FLAT_MAX_N = 100_000
 MAX_PQ_M = 64
 PQ_BITS = 8
 _MAX_HEADER = 1 << 16
-# (query, candidate) pairs re-ranked a step: their distinct rows (about half of them on
-# dedup's queries ordered by coarse list) stay within a few MiB, in cache.
+# (query, candidate) pairs re-ranked a step: their distinct rows (about a third of them
+# for dedup's queries, ordered by nearest list) are a few MiB.
 RERANK_PAIRS = 4096
 NORMALIZE_ROWS = 4096
 # PQ codes of high-dimensional whitened vectors rank neighbours coarsely: re-ranking 100 k
@@ -199,7 +199,7 @@ class SearchIndex:
 def l2_normalize(x: np.ndarray, as_float32: bool = False) -> np.ndarray:
     """Row-wise L2 normalisation (float32); zero rows stay zero. `as_float32`: rows
     converted to float32 first (else computed in x's dtype). In steps of NORMALIZE_ROWS rows:
-    the values of one whole-array step, without its temporaries."""
+    the values of one whole-array pass, with one step's temporaries."""
     x = np.asarray(x)
     out = np.empty(x.shape, np.float32)
     for lo in range(0, len(x), NORMALIZE_ROWS):

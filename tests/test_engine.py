@@ -94,11 +94,13 @@ def test_bf16_autocast_keeps_w_close_to_float32_on_a_trained_encoder(digits):
     config.autocast = "bf16"
     bf16 = InfluenceSSL(encoder, config)
     bf16.curvature.load_state_dict(reference.curvature.state_dict(), reference.curvature.completed)
-    w16, w32 = bf16.embed(digits[:40]), reference.embed(digits[:40])
+    batch, _ = bf16.project_views(bf16.make_views(digits[:4], ["a", "b", "c", "d"]))
+    assert batch.rows["backbone.conv2"].parts[0].held_d.dtype == torch.bfloat16  # bf16 rows
+    w16, w32 = bf16.embed(digits[:60]), reference.embed(digits[:60])
     assert w16.dtype == torch.float32
     cosine = torch.nn.functional.cosine_similarity(w16, w32, dim=1)
-    # Measured: mean 0.96, median 0.99; the worst are the examples of lowest loss.
-    assert cosine.median() > 0.97 and cosine.mean() > 0.9, cosine
+    # Measured: median 0.998, mean 0.989, min 0.90 (the examples of lowest loss).
+    assert cosine.median() >= 0.99 and cosine.mean() > 0.95, cosine
     assert not torch.equal(w16, w32)  # the forward really ran in bf16
 
 

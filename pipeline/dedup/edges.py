@@ -38,7 +38,7 @@ EMBEDDING_SEARCH = "search_z"
 COSINE_SEARCH = "search_w_cosine"
 PARALLEL_READS = 16
 MERGE_BYTES = 64 << 20
-MAX_QUERY_ROWS = 65_536  # queries a search call (~4 D bytes each, as float32, twice)
+MAX_QUERY_ROWS = 65_536  # queries a search call (each ~4 D bytes: its unit float32 copy)
 
 MapFn = Callable[[Callable, Iterable], list]
 
@@ -214,8 +214,8 @@ def query_rows(k: int, shards: int) -> int:
 
 
 def read_vectors(index: Index, parts: Iterable[int], column: str) -> np.ndarray:
-    """The parts' vectors as stored (float16 or float32): the search normalises them, a
-    step of rows at a time, so no float32 copy of the batch is made."""
+    """The parts' vectors as stored (float16 or float32): the search converts and
+    normalises them in one pass (one float32 copy of the batch, not two)."""
     shards = index.manifest["shards"]
     pieces = [vectors(index.read_part(shards[p]["part"], [column]), column) for p in parts]
     return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]

@@ -794,7 +794,7 @@ class SearchStore:
             coarse_d=np.ascontiguousarray(coarse_d, np.float32),
             coarse_i=np.ascontiguousarray(coarse_i, np.int64),
             # Re-ranked in the order of their nearest list: queries of one list share many
-            # candidates (dedup's rows: about half), read once a step.
+            # candidates, read once a step (dedup's rows: a third of their pairs are read).
             order=np.argsort(coarse_i[:, 0], kind="stable"),
             nprobe=probes,
             candidates=max(candidates or CANDIDATES_PER_RESULT * k, k),
@@ -957,7 +957,7 @@ def scan_by_list(ivf: faiss.IndexIVFPQ, plan: dict, c: int) -> tuple[np.ndarray,
     and scored against every query probing it with one matrix product,
     score = <q, centroid> + <q, decoded residual> (FAISS's inner-product IVF-PQ score),
     kept in per-query heaps (FAISS's)."""
-    if not ivf.by_residual or ivf.metric_type != faiss.METRIC_INNER_PRODUCT:
+    if not ivf.by_residual or ivf.metric_type != faiss.METRIC_INNER_PRODUCT or ivf.pq.nbits != 8:
         return preassigned_search(ivf, plan, c)
     x, lists, coarse = plan["small"], plan["coarse_i"].ravel(), plan["coarse_d"].ravel()
     n, probes = plan["coarse_i"].shape
@@ -990,7 +990,7 @@ def scan_by_list(ivf: faiss.IndexIVFPQ, plan: dict, c: int) -> tuple[np.ndarray,
 
 class PQDecoder:
     """PQ codes (8 bits a sub-quantiser) -> reconstructions, by one numpy gather of each
-    sub-quantiser's centroid (~2x FAISS's per-code decode loop)."""
+    sub-quantiser's centroid (faster than FAISS's per-code decode loop, measured 1.7x)."""
 
     def __init__(self, pq: faiss.ProductQuantizer) -> None:
         if pq.nbits != 8:

@@ -66,7 +66,7 @@ class LayerRows:
             return self._grad
         if self.channels_first:
             # (a d^T)^T: with the few output rows on the right, 20-30% faster on the CPU.
-            return contract(self.held_a, self.held_d.mT).mT
+            return contract(self.held_a, self.held_d.mT).mT.contiguous()
         return contract(self.held_d.mT, self.held_a)
 
     def example_gradient(self, num_examples: int) -> torch.Tensor:
@@ -80,7 +80,7 @@ class LayerRows:
                 self.example_rows("d", num_examples).mT, self.example_rows("a", num_examples)
             )
         # Per image (channels first: in the layout the projections produced), then summed.
-        return self.gradient().unflatten(0, (num_examples, -1)).sum(1).contiguous()
+        return self.gradient().unflatten(0, (num_examples, -1)).sum(1)
 
     def example_rows(self, side: str, num_examples: int) -> torch.Tensor:
         """`a` or `d` grouped by example, [B, R', k]; channels first: a copy of the rows."""
@@ -134,16 +134,25 @@ class ExampleRows(LayerRows):
         return self._combined("gradient")
 
 
-def contract(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Batched x @ y in float32 for bf16 rows (float64 stays float64).
+# Whether CUDA's bmm takes bf16 inputs with a float32 result (out_dtype); False once refused.
+_CUDA_BMM_OUT_DTYPE = {"ok": True}
 
-    The rows are the small projected maps (k channels), so the upcast is cheap; the
-    per-example gradient is a sum over positions and views whose terms largely cancel
-    (the views of an example nearly agree), where a bf16 product per image would round
-    away 1-20% of the result (measured on an untrained net)."""
-    if x.dtype not in (torch.float32, torch.float64):
-        x, y = x.float(), y.float()
-    return torch.bmm(x, y)
+
+def contract(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Batched x @ y with a float32 result for bf16 rows (float64 stays float64).
+
+    The per-example gradient is a sum over positions and views whose terms largely cancel
+    (the views of an example nearly agree): a bf16 result per image would round away 1-20%
+    of it (measured on an untrained net). On CUDA the product reads the bf16 rows and
+    writes float32 (out_dtype); elsewhere the rows (small: k channels) are upcast first."""
+    if x.dtype in (torch.float32, torch.float64):
+        return torch.bmm(x, y)
+    if x.is_cuda and _CUDA_BMM_OUT_DTYPE["ok"]:
+        try:
+            return torch.bmm(x, y, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch or GPU without it: the upcast below
+            _CUDA_BMM_OUT_DTYPE["ok"] = False
+    return torch.bmm(x.float(), y.float())
 
 
 class LayerAdapter(Protocol):
@@ -287,8 +296,9 @@ class Conv2dAdapter(RowAdapter):
     Both projections are convolutions that keep the NCHW layout, so neither the unfolded
     input nor a transposed copy of the output gradient is ever made: P_in as [k_in, C, kh, kw]
     kernels with the layer's stride, padding and dilation (its bias column as the bias), and
-    P_out as a 1x1 convolution [k_out, O, 1, 1] on the gradient. The rows stay channels
-    first, [n, k, L]; only these small projected maps are ever laid out otherwise.
+    P_out as a 1x1 convolution [k_out, O, 1, 1] on the gradient (on the CPU computed as the
+    same product, a batched matmul). The rows stay channels first, [n, k, L]; only these
+    small projected maps are ever laid out otherwise.
     """
 
     channels_first = True
@@ -323,11 +333,12 @@ class Conv2dAdapter(RowAdapter):
     def project_output_grad(self, module, g, p_out):
         if p_out.weight is None:
             return g.flatten(2)
-        if g.is_contiguous():
-            # The 1x1 convolution as P_out @ g[n] per image on the NCHW maps as they are:
-            # on the CPU 1.4-5x faster than oneDNN's 1x1 convolution at these shapes.
+        if g.device.type == "cpu" and g.is_contiguous():
+            # The same 1x1 convolution as P_out @ g[n] per image on the NCHW maps: on the CPU
+            # 1.4-5x faster than oneDNN's 1x1 convolution at ResNet / SmallCNN shapes.
             return torch.matmul(p_out.weight[:, :, 0, 0], g.flatten(2))
-        return F.conv2d(g, p_out.weight).flatten(2)  # channels_last: a copy of the result only
+        # cuDNN; a channels_last gradient gives channels_last maps: only they are copied.
+        return F.conv2d(g, p_out.weight).flatten(2)
 
 
 def conv_patches(x: torch.Tensor, module: nn.Module, ones: bool = False) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.config import AugmentConfig, InfluenceConfig, ModelConfig, from_dict
 
-__all__ = ["clustered", "engine_config", "spearman", "top_overlap"]
+__all__ = ["ViewDataset", "clustered", "engine_config", "spearman", "top_overlap"]
 
 
 def engine_config(
@@ -97,3 +97,17 @@ def top_overlap(estimate: torch.Tensor, reference: torch.Tensor, k: int = 10) ->
     reference row's ``k`` largest."""
     ours, theirs = estimate.topk(k, dim=1).indices, reference.topk(k, dim=1).indices
     return float((ours[:, :, None] == theirs[:, None, :]).any(-1).double().mean())
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Precomputed views [N, V, C, s, s] as a dataset: item i is example i's [V, C, s, s]
+    (what peers such as kronfluence are handed, so every method sees the same views)."""
+
+    def __init__(self, views: torch.Tensor) -> None:
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.views[index]
