@@ -39,6 +39,7 @@ from pipeline.data._io import is_remote, local_path
 from pipeline.data.webdataset import DEFAULT_MAX_PIXELS
 from pipeline.data.writer import add_member
 from pipeline.errors import UserError
+from pipeline.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class IngestConfig:
     max_bytes: int = 256 << 20  # files larger than this are skipped (image_too_large)
     max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels are skipped, not decoded
     threads: int = 8  # files read and verified at once (I/O and PIL decode in parallel)
-    progress: bool = True  # a tqdm progress bar on stderr (on terminals)
+    progress: bool = True  # progress on stderr: a tqdm bar on terminals, else a line every 2 s
 
 
 @dataclass(frozen=True)
@@ -365,10 +366,8 @@ class ShardResult:
 
 
 def write_all(out: storage.Storage, chunks: list[list[Item]], config: IngestConfig):
-    from tqdm import tqdm
-
     total = sum(len(c) for c in chunks)
-    bar = tqdm(total=total, desc="ingest", unit="img", disable=None if config.progress else True)
+    bar = Progress("ingest", total, "images", enabled=config.progress)
     results = []
     with bar, ThreadPoolExecutor(max(1, config.threads), thread_name_prefix="ingest") as pool:
         for index, chunk in enumerate(chunks):
@@ -405,7 +404,7 @@ def write_shard(out, index: int, items: list[Item], config: IngestConfig, pool, 
     digest = fingerprint(items, config)
     done = read_marker(out, marker)
     if done and done.get("fingerprint") == digest and _size(out, name) == done.get("bytes"):
-        bar.update(len(items))
+        bar.update(done=len(items))
         url = out.url(name) if done["examples"] else None
         return ShardResult(url, done["examples"], done["skipped"], reused=True)
     data, examples, skipped = build_tar(items, config, pool, bar)
@@ -429,7 +428,7 @@ def build_tar(items: list[Item], config: IngestConfig, pool, bar):
     buffer, examples, skipped = io.BytesIO(), 0, []
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tf:
         for item, (payload, reason) in zip(items, _prepared(items, config, pool), strict=True):
-            bar.update(1)
+            bar.update()
             if reason:
                 skipped.append({"source": item.uri, "reason": reason})
                 continue
