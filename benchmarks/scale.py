@@ -228,6 +228,7 @@ def dedup_batch(root: str) -> dict:
     batches = plan_batches(index, config.chunk)
     batch = batches[len(batches) // 2]
     task = {"batch": batch.id, "parts": list(batch.parts), "first_row": batch.first_row}
+    task["rows"] = batch.rows
     task["fingerprint"] = fingerprint(settings, index, batch)
     wall, cpu = time.perf_counter(), time.process_time()
     marker = edge_batch(root, manifest_digest(index.manifest), settings, task)

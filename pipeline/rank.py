@@ -43,6 +43,7 @@ from pipeline.index.scan import iter_parts
 COLUMNS = ["key", "shard", "self_influence", "loss", "cls", "metadata"]
 SUMMARY = f"{RANK_DIR}/summary.json"
 TOP = f"{RANK_DIR}/top.parquet"
+REFINED = f"{RANK_DIR}/refined.parquet"
 SORTED_DIR = f"{RANK_DIR}/sorted"
 LEGACY = f"{RANK_DIR}/self_influence.parquet"  # before partitions: every row in one file
 SORT_KEYS = [("self_influence", "descending"), ("key", "ascending")]
@@ -62,11 +63,25 @@ class RankConfig:
     # 4e6 rows within 1.5x the memory of one of 1e5; larger sorts faster in fewer files.
     partition_rows: int = 250_000
     write_sorted: bool = True  # false: only the ends and the summary (one narrow pass)
+    # Re-embed the `refine_top` most self-influential examples with `refine` views (images
+    # read back from their shards by key) and order them by that less noisy self-influence
+    # (rank/refined.parquet); 0: off. The index's V views rank the top coarsely: its
+    # self-influence Spearman across view draws is ~0.9 at V = 16 (docs/benchmarks.md).
+    refine: int = 0
+    refine_top: int = 200
+    # As for query: settings on top of the manifest's (e.g. model.checkpoint if it moved).
+    model: dict = field(default_factory=dict)
+    device: str = "cpu"
 
 
 def check_config(config: RankConfig) -> None:
     if config.top < 0 or config.top_k < 1 or config.partition_rows < 1:
         raise SettingError("rank needs top >= 0, top_k >= 1 and partition_rows >= 1")
+    if config.refine == 1 or config.refine < 0 or config.refine_top < 1:
+        raise SettingError(
+            f"rank needs refine = 0 (off) or >= 2 views and refine_top >= 1, got "
+            f"refine={config.refine}, refine_top={config.refine_top}"
+        )
 
 
 # -- order ------------------------------------------------------------------------------------
@@ -340,8 +355,9 @@ def run_rank(config: RankConfig) -> pa.Table:
             parts = len(bounds) + 1
             entries, quantiles = sort_partitions(index, spilled, parts, total - found.nan)
             quantiles["from"] = "sorted"
-    ends = ends_table(index, top, bottom, total)
+    ends, end_rows = ends_table(index, top, bottom, total)
     storage.write_bytes(TOP, table_bytes(ends))
+    refined = refine_top(index, ends, end_rows, config) if config.refine and total else None
     summary = {
         "rows": total,
         "order": "self_influence descending, key ascending; NaN last",
@@ -351,10 +367,16 @@ def run_rank(config: RankConfig) -> pa.Table:
         "quantiles": quantiles,
         "histogram": found.histogram_json(),
     }
+    if refined is not None:
+        summary["refined"] = refined_summary(refined, config.refine)
     storage.write_bytes(SUMMARY, json.dumps(summary, indent=1).encode())
-    storage.delete_many(sorted(old - {SUMMARY, TOP} - {e["file"] for e in entries}))
+    kept = {SUMMARY, TOP} | ({REFINED} if refined is not None else set())
+    storage.delete_many(sorted(old - kept - {e["file"] for e in entries}))
     shown = min(config.top, total)
-    print_rows("highest self-influence", ends.slice(0, shown))
+    if refined is not None:
+        print_refined(refined.slice(0, shown), summary["refined"])
+    else:
+        print_rows("highest self-influence", ends.slice(0, shown))
     print_rows("lowest self-influence", ends.slice(ends.num_rows - shown, shown))
     where = storage.url(SORTED_DIR) if entries else storage.url(TOP)
     print(f"{total:,} examples ranked ({len(entries)} sorted partitions) -> {where}")
@@ -374,14 +396,61 @@ def sample_quantiles(sample: np.ndarray) -> dict:
     }
 
 
-def ends_table(index: Index, top: Ends, bottom: Ends, total: int) -> pa.Table:
-    """The rows of both ends (each once), in rank order, with their global rank."""
+def ends_table(index: Index, top: Ends, bottom: Ends, total: int) -> tuple[pa.Table, np.ndarray]:
+    """The rows of both ends (each once), in rank order, with their global rank; and their
+    global row numbers in that order."""
     rows = np.unique(np.concatenate([top.rows, bottom.rows]))
     table = index.take(rows, COLUMNS).replace_schema_metadata(None)
-    table = table.take(pc.sort_indices(table, sort_keys=SORT_KEYS))
+    order = pc.sort_indices(table, sort_keys=SORT_KEYS)
+    table, rows = table.take(order), rows[order.to_numpy()]
     position = np.arange(table.num_rows)
     rank = np.where(position < len(top.rows), position, total - (table.num_rows - position))
-    return table.append_column("rank", pa.array(rank, pa.int64()))
+    return table.append_column("rank", pa.array(rank, pa.int64())), rows
+
+
+# -- refinement of the top ----------------------------------------------------------------------
+
+
+def refine_top(index: Index, ends: pa.Table, rows: np.ndarray, config: RankConfig) -> pa.Table:
+    """The `refine_top` highest rows re-embedded with `refine` views, in the order of their
+    refined self-influence ||w||^2 (descending, key ascending for ties); written to
+    rank/refined.parquet with `rank` (the index's order) beside `refined_rank`."""
+    from pipeline.refine import Refiner  # loads the model: only when asked
+
+    head = min(config.refine_top, ends.num_rows)
+    table = ends.slice(0, head)
+    w, ok = Refiner(index, config.refine, config.device, config.model).rows(rows[:head])
+    refined = (w.astype(np.float64) ** 2).sum(axis=1)
+    table = table.append_column("refined_self_influence", pa.array(refined, pa.float64()))
+    table = table.append_column("refined", pa.array(ok, pa.bool_()))
+    order = pc.sort_indices(table, [("refined_self_influence", "descending"), ("key", "ascending")])
+    table = table.take(order)
+    table = table.append_column("refined_rank", pa.array(np.arange(head), pa.int64()))
+    index.storage.write_bytes(REFINED, table_bytes(table))
+    return table
+
+
+def refined_summary(table: pa.Table, views: int) -> dict:
+    """How much the refined order of the top moved from the index's."""
+    stored = table.column("self_influence").to_numpy().astype(np.float64)
+    refined = table.column("refined_self_influence").to_numpy()
+    ranks = table.column("rank").to_numpy()
+    top = min(20, len(ranks))
+    return {
+        "views": views,
+        "rows": table.num_rows,
+        "refined": int(pc.sum(table.column("refined")).as_py() or 0),
+        "spearman_stored_refined": spearman(stored, refined),
+        # Share of the refined top 20 that the index's top 20 holds too.
+        "top20_kept": float(np.mean(ranks[:top] < top)),
+        "file": REFINED,
+    }
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from pipeline.influence.reliability import spearman as rank_correlation
+
+    return rank_correlation(a, b) if len(a) > 1 else float("nan")
 
 
 # -- reading the output -------------------------------------------------------------------------
@@ -435,6 +504,22 @@ def read_ranked(index: Index) -> pa.Table:
     if not summary["partitions"]:
         raise ValueError("rank ran with write_sorted=false: only rank/top.parquet exists")
     return pa.concat_tables(read_columns(index.storage, e["file"]) for e in summary["partitions"])
+
+
+def print_refined(rows: pa.Table, summary: dict) -> None:
+    print(
+        f"\nhighest self-influence, refined with {summary['views']} views ({summary['refined']} "
+        f"of the top {summary['rows']} re-embedded; Spearman with the index's values "
+        f"{summary['spearman_stored_refined']:.3f}):"
+    )
+    print(f"  {'refined':>8}  {'rank':>8}  {'refined s':>12}  {'index s':>12}  {'cls':>4}  key")
+    for row in rows.to_pylist():
+        cls = "" if row["cls"] is None else row["cls"]
+        mark = "" if row["refined"] else "  (not refined: image unreadable)"
+        print(
+            f"  {row['refined_rank']:>8}  {row['rank']:>8}  {row['refined_self_influence']:>12.6g}"
+            f"  {row['self_influence']:>12.6g}  {cls!s:>4}  {row['key']}{mark}"
+        )
 
 
 def print_rows(title: str, rows: pa.Table) -> None:

@@ -48,12 +48,13 @@ from pipeline.data.lookup import (
     shard_thumbnails,
     spans_by_shard,
 )
-from pipeline.index.columnar import open_parquet
+from pipeline.index.columnar import open_parquet, read_columns
 from pipeline.index.layout import DEDUP_DIR, GROUPS_DIR, QUERY_DIR, REPORT_DIR
 from pipeline.index.reader import Index
 from pipeline.index.scan import iter_parts
 from pipeline.influence.reliability import CONSEQUENCE as RELIABILITY_CONSEQUENCE
 from pipeline.influence.reliability import LABELS as RELIABILITY_LABELS
+from pipeline.influence.reliability import REMEDY as RELIABILITY_REMEDY
 from pipeline.rank import LEGACY as LEGACY_RANK
 from pipeline.rank import read_rank_ends, read_rank_summary
 from pipeline.storage import Storage, open_storage, read_uri, safe_name
@@ -405,7 +406,7 @@ def _reliability_block(figures: dict) -> str:
         html += "".join(
             f'<p class="warning">Below target: {esc(RELIABILITY_LABELS.get(name, name))} '
             f"({esc(RELIABILITY_CONSEQUENCE.get(name, ''))}). Raise influence.loss.num_views, "
-            "or refine queries and dedup (refine=).</p>"
+            f"or {esc(RELIABILITY_REMEDY.get(name, 'refine (refine=)'))}.</p>"
             for name in below
         )
     return html
@@ -554,6 +555,10 @@ def rank_section(index: Index, page: Page) -> list[Section]:
         "highest": table.filter(pc.less(rank, count)).to_pylist(),
         "lowest": table.filter(pc.greater_equal(rank, total - count)).to_pylist()[::-1],
     }
+    refined = summary.get("refined")
+    if refined and index.storage.exists(refined["file"]):
+        top = read_columns(index.storage, refined["file"]).slice(0, count).to_pylist()
+        ends = {f"highest, refined with {refined['views']} views,": top, **ends}
     plot = page.plot("self_influence", histogram(summary.get("histogram") or {}))
     for rows in ends.values():
         for row in rows:
@@ -592,6 +597,9 @@ def _old_rank_section() -> list[Section]:
 
 def _rank_caption(row: dict) -> list[str]:
     lines = [f"#{row['rank']}  s={num(row['self_influence'])}"]
+    if "refined_rank" in row:  # the refined top: its order first, the index's beside it
+        lines = [f"#{row['refined_rank']} (index #{row['rank']})"]
+        lines.append(f"s={num(row['refined_self_influence'])} (index {num(row['self_influence'])})")
     if row.get("loss") is not None:
         lines.append(f"loss={num(row['loss'], 3)}")
     if row.get("cls") is not None:

@@ -510,6 +510,23 @@ def test_inner_product_search_index_gets_a_cosine_one_beside_it(tmp_path, capsys
     capsys.readouterr()
 
 
+def test_a_flat_search_over_many_rows_gets_an_ivfpq_one_beside_it(tmp_path, capsys):
+    # Flat dedup costs N^2 D: past flat_max_rows dedup searches its own IVF-PQ instead.
+    uri, _ = planted_index(str(tmp_path / "index"), parts=4, rows=600)
+    index = Index(uri)
+    config = DedupConfig(index=uri, mode="influence", tau=0.95, refine=0)
+    assert run_dedup(config)["search"] == "search"  # 2,400 rows: the index's own, flat
+    assert json.loads(index.storage.read_bytes("search/manifest.json"))["kind"] == "flat"
+    flat = read_keep_list(index, "influence")
+    config = dataclasses.replace(config, flat_max_rows=1000)
+    summary = run_dedup(config)
+    assert summary["search"] == "search_w_cosine"
+    own = json.loads(index.storage.read_bytes("search_w_cosine/manifest.json"))
+    assert own["kind"] == "ivfpq" and own["rows"] == 2400
+    assert_same_list(read_keep_list(index, "influence"), flat)
+    capsys.readouterr()
+
+
 def test_streaming_refinement_matches_the_in_memory_one(planted, monkeypatch, capsys):
     """Refined w from a stand-in Refiner (no model): the pairs and similarities follow it
     the same way in both paths."""

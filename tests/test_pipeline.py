@@ -369,6 +369,52 @@ def test_rank_orders_the_index_by_self_influence(built, capsys):
         Index(os.path.join(output, "nothing-here"))
 
 
+def test_rank_refine_reorders_the_top_by_self_influence_with_more_views(
+    built, digits, capsys, tmp_path
+):
+    """`rank --set refine=16`: the index's top 10 re-embedded with 16 views (images read back
+    from their shards), ordered by ||w_16||^2; a rank without it drops the stale file."""
+    from pipeline.cli import main
+    from pipeline.index.reader import Index
+    from pipeline.rank import REFINED, read_rank_summary, read_ranked
+
+    config, _, output, _ = built
+    settings = ["--set", "refine=16", "--set", "refine_top=10", "--set", "top=4"]
+    assert main(["rank", "--out", str(output), *settings]) == 0
+    printed = capsys.readouterr().out
+    assert "refined with 16 views (10 of the top 10 re-embedded" in printed
+    index = Index(str(output))
+    refined = pq.read_table(os.path.join(output, REFINED))
+    top = read_ranked(index).slice(0, 10)
+    assert sorted(refined.column("key").to_pylist()) == sorted(top.column("key").to_pylist())
+    assert refined.column("refined").to_pylist() == [True] * 10
+    assert refined.column("refined_rank").to_pylist() == list(range(10))
+    values = refined.column("refined_self_influence").to_numpy()
+    assert (np.diff(values) <= 0).all()
+    # The refined values are ||w||^2 of w with 16 views, computed here in memory.
+    engine = InfluenceSSL(build_encoder(config.influence.model), config.influence)
+    engine.load_factors_bytes(open_storage(str(output)).read_bytes(FACTORS)).use_views(16)
+    keys = refined.column("key").to_pylist()
+    images = torch.stack([decode_image(png_bytes(digits[int(k[1:])]), 28, 1) for k in keys])
+    expected = engine.embed(images, keys=keys).double().pow(2).sum(1).numpy()
+    np.testing.assert_allclose(values, expected, rtol=1e-3)
+    stored = dict(zip(top.column("key").to_pylist(), top.column("rank").to_pylist(), strict=True))
+    assert refined.column("rank").to_pylist() == [stored[k] for k in keys]
+    summary = read_rank_summary(index)["refined"]
+    assert summary["views"] == 16 and summary["rows"] == summary["refined"] == 10
+    assert -1 <= summary["spearman_stored_refined"] <= 1 and 0 <= summary["top20_kept"] <= 1
+    from pipeline.report import ReportConfig, run_report
+
+    run_report(ReportConfig(str(output), out=str(tmp_path / "report")))
+    html = (tmp_path / "report" / "index.html").read_text()
+    assert "highest, refined with 16 views," in html and f"(index #{stored[keys[0]]})" in html
+    assert main(["rank", "--out", str(output), "--set", "top=0"]) == 0
+    assert not os.path.exists(os.path.join(output, REFINED))
+    assert "refined" not in read_rank_summary(index)
+    assert main(["rank", "--out", str(output), "--set", "refine=1"]) == 2
+    assert "refine = 0 (off) or >= 2 views" in capsys.readouterr().err
+
+
 def test_query_by_key_finds_the_example_itself_first_when_asked(built, tmp_path):
     from pipeline.query import QueryConfig, run_query
 

@@ -90,7 +90,9 @@ def test_projected_gradients_equal_projection_of_exact(digits, projection):
         assert got.dtype == torch.float32
         scale = expected[name].abs().max()
         assert scale > 0, name
-        torch.testing.assert_close(got, expected[name], atol=1e-5 * scale, rtol=1e-4)
+        # float32 sums in another order: 3e-5 of the largest seen on one CPU (oneDNN's kernels
+        # differ by machine); a wrong gradient is off by the order of the largest.
+        torch.testing.assert_close(got, expected[name], atol=1e-4 * scale, rtol=1e-4)
     by_name = {layer.name: layer for layer in tracker.layers}
     if projection.enabled:  # the sides meant to be identity and projected really are
         assert by_name["stem"].p_in is None and by_name["stem"].p_out.shape == (4, 6)

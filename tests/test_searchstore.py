@@ -517,3 +517,31 @@ def test_ray_service_gives_the_local_answers(ray_session, tmp_path):
             mine = local.search(queries, 10, opponents=opponents)
             np.testing.assert_array_equal(served[1], mine[1])
             np.testing.assert_allclose(served[0], mine[0], atol=1e-6)
+
+
+def test_stored_vectors_are_the_blocks_rows_across_shards(ivf_index):
+    index, vectors, _ = ivf_index
+    store = SearchStore(index, threads=1)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = np.arange(2500, 3500)  # spans the two shards (3,000 rows each)
+    got = store.stored_vectors(rows)
+    assert got.dtype == np.float16 and got.shape == (1000, 64)
+    blocks = [
+        np.load(index.storage.local_path(b["file"])) for s in store.shards for b in s["vectors"]
+    ]
+    np.testing.assert_array_equal(got, np.concatenate(blocks)[rows])
+    np.testing.assert_allclose(got, unit[rows], atol=1e-3)  # unit rows, rounded to float16
+    assert store.stored_vectors(np.arange(0)).shape == (0, 64)
+    with pytest.raises(IndexError, match="out of range"):
+        store.stored_vectors(np.array([6000]))
+
+
+def test_unit_rows_of_float16_vectors_are_computed_in_float32():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(5000, 256)) * 40).astype(np.float16)  # |x|^2 ~ 4e5 > float16's max
+    x[3] = 0
+    unit = searchstore.l2_normalize(x)
+    wide = x.astype(np.float64)
+    want = wide / np.maximum(np.linalg.norm(wide, axis=1), 1)[:, None]
+    np.testing.assert_allclose(unit, want, atol=1e-6)
+    assert (unit[3] == 0).all() and unit.dtype == np.float32

@@ -38,7 +38,9 @@ class DedupConfig:
     nprobe: int = 4  # IVF lists probed per query (IVF-PQ search indexes)
     candidates: int = 0  # approximate hits re-ranked exactly per query; 0: k + 1
     chunk: int = 50_000  # rows per edge batch (whole consecutive parts): one task's queries
-    flat_max_rows: int = 20_000  # in-memory `dedup_table` only: exact search up to this many
+    # Exact (flat) search up to this many rows, IVF-PQ above: a flat search costs N^2 D (an
+    # index's flat `search/`, up to search.flat_max_rows, gets an IVF-PQ one beside it).
+    flat_max_rows: int = 20_000
     # Influence mode: candidate pairs with stored cos(w) >= refine_floor are re-scored with w
     # of `refine` views (images read back from their shards), and joined when that refined
     # cosine is >= tau. None: DEFAULT_REFINE views in influence mode; 0: off. At most

@@ -93,13 +93,18 @@ def ensure_search(index: Index, config: DedupConfig, map_fn: MapFn | None) -> tu
     influence: the stored `search/` when it is cosine; an index built with inner_product or
     `kind: none` gets a cosine one of its own in `search_w_cosine/` (build's `search/` is
     left as it is). embedding: `search_z/` over z. Each uses the index's own search
-    settings (`search_config_of`), metric cosine; `kind: none` becomes auto.
+    settings (`search_config_of`), metric cosine; `kind: none` becomes auto, and a flat
+    search over more than `flat_max_rows` rows IVF-PQ (exact search is quadratic in N).
     """
-    from pipeline.index.searchstore import build_search_index, search_config_of
+    from pipeline.index.searchstore import build_search_index, resolve_kind, search_config_of
 
     stored = search_config_of(index.manifest)
-    usable = stored.kind != "none" and stored.metric == "cosine"
     kind = stored.kind if stored.kind != "none" else "auto"
+    rows = int(index.offsets()[-1])
+    flat = resolve_kind(dataclasses.replace(stored, kind=kind), rows) == "flat"
+    if rows > config.flat_max_rows and flat:
+        kind = "ivfpq"  # a flat search costs dedup N^2 D: 165 s at 10^5 rows, D = 1,024
+    usable = kind == stored.kind and stored.metric == "cosine"
     search = dataclasses.replace(stored, kind=kind, metric="cosine")
     if config.mode == "embedding":
         column, directory = "z", EMBEDDING_SEARCH
@@ -148,8 +153,8 @@ def fingerprint(settings: dict, index: Index, batch: Batch) -> str:
 def edge_batch(uri: str, digest: str, settings: dict, task: dict) -> dict:
     """Search one batch of rows; write its edges, then its marker; return the marker.
 
-    `task`: {"batch": id, "parts": [...], "first_row": r, "fingerprint": f}. No Ray here:
-    the caller maps it over batches in threads or as Ray tasks.
+    `task`: {"batch": id, "parts": [...], "first_row": r, "rows": n, "fingerprint": f}. No
+    Ray here: the caller maps it over batches in threads or as Ray tasks.
     """
     import faiss
 
@@ -158,11 +163,13 @@ def edge_batch(uri: str, digest: str, settings: dict, task: dict) -> dict:
     started = time.perf_counter()
     faiss.omp_set_num_threads(max(1, int(settings["threads"])))
     index = open_index(uri, digest)
-    x = read_vectors(index, task["parts"], settings["column"])
-    rows = np.arange(task["first_row"], task["first_row"] + len(x), dtype=np.int64)
     store = SearchStore(
         index, directory=settings["directory"], threads=settings["threads"], resident=False
     )
+    rows = np.arange(task["first_row"], task["first_row"] + task["rows"], dtype=np.int64)
+    # The search index's float16 copies (what re-ranking compares them with), else the parts.
+    x = store.stored_vectors(rows)
+    x = read_vectors(index, task["parts"], settings["column"]) if x is None else x
     k = settings["k"] + 1  # the row itself is usually the first hit
     step = query_rows(k, len(store.shards))
     found_scores, found_rows = [], []
@@ -236,6 +243,7 @@ def compute_edges(
             "batch": b.id,
             "parts": list(b.parts),
             "first_row": b.first_row,
+            "rows": b.rows,
             "fingerprint": fingerprint(settings, index, b),
         }
         for b in batches

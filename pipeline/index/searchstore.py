@@ -78,6 +78,7 @@ from pipeline.search import (
     reduced,
     rerank,
     second_moment,
+    to_float32,
     train_ivfpq,
 )
 
@@ -828,6 +829,25 @@ class SearchStore:
             del stored
         return out
 
+    def stored_vectors(self, rows: np.ndarray) -> np.ndarray | None:
+        """float16 [n, D] copies of sorted global `rows` as the search index holds them (unit
+        rows for cosine), read from its vector blocks: dedup's queries, without decoding
+        their parts. None for a flat index (its vectors live inside FAISS)."""
+        if self.kind != "ivfpq":
+            return None
+        rows = np.asarray(rows, np.int64)
+        every = self.manifest["shards"]  # a row's blocks live with its shard, searched or not
+        offsets = np.array([s["offset"] for s in every] + [self.rows], np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
+            raise IndexError(f"rows out of range [0, {self.rows})")
+        out = np.empty((len(rows), self.dimension), np.float16)
+        which = np.searchsorted(offsets, rows, side="right") - 1
+        for number in np.unique(which).tolist():
+            mine = np.flatnonzero(which == number)  # a run: `rows` are sorted
+            with BlockReader(self, every[number]) as blocks:
+                blocks.read(rows[mine] - offsets[number], out=out[mine[0] : mine[-1] + 1])
+        return out
+
     def centroids(self) -> np.ndarray:
         """The coarse quantiser's centroids [nlist, d] (a view of FAISS's memory)."""
         flat = faiss.downcast_index(self.trained.ivf.quantizer)
@@ -1017,6 +1037,8 @@ class BlockReader:
         self.store, self.shard = store, shard
         self.rows = int(store.manifest["vector_block_rows"])
         self.files: dict[int, tuple[int, int]] = {}  # block -> (fd, offset of row 0)
+        self.half = np.empty((0, store.dimension), np.float16)  # reused by read and fetch
+        self.single = np.empty((0, store.dimension), np.float32)
 
     def __enter__(self) -> BlockReader:
         return self
@@ -1027,13 +1049,24 @@ class BlockReader:
         self.files.clear()
 
     def fetch(self, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` (sorted, distinct: what `rerank` asks for) as float32 [n, D]: one pread
-        per run of consecutive rows, the runs' files and offsets worked out with numpy."""
-        dimension = self.store.dimension
-        row_bytes = 2 * dimension
-        out = np.empty((len(ids), dimension), np.float16)
+        """Rows `ids` (sorted, distinct: what `rerank` asks for) as float32 [n, D], a view
+        valid until the next fetch. The buffers are reused: fresh ones each re-rank step (a
+        few MiB) cost as much in page faults as the conversion itself."""
+        if len(self.single) < len(ids):
+            self.single = np.empty((len(ids), self.store.dimension), np.float32)
+        return to_float32(self.read(ids), out=self.single[: len(ids)])
+
+    def read(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows `ids` (sorted, distinct) as stored, float16 [n, D], into `out` or a reused
+        buffer (valid until the next read): one pread per run of consecutive rows, the runs'
+        files and offsets worked out with numpy."""
+        row_bytes = 2 * self.store.dimension
+        if out is None:
+            if len(self.half) < len(ids):
+                self.half = np.empty((len(ids), self.store.dimension), np.float16)
+            out = self.half[: len(ids)]
         if len(ids) == 0:
-            return out.astype(np.float32)
+            return out
         block_of = ids // self.rows
         run_starts = (np.diff(ids, prepend=-2) != 1) | (np.diff(block_of, prepend=-1) != 0)
         starts = np.flatnonzero(run_starts)
@@ -1048,7 +1081,7 @@ class BlockReader:
         ):  # fmt: skip
             if os.preadv(fd, [buffer[lo:hi]], offset) != hi - lo:
                 raise ValueError(f"search vectors of {self.shard['file']} ended early")
-        return out.astype(np.float32)
+        return out
 
     def block(self, number: int) -> tuple[int, int]:
         if number not in self.files:

@@ -35,6 +35,12 @@ CONSEQUENCE = {
     "self_influence_spearman": "the self-influence ranking changes with the view draw",
     "top10_overlap": "a query's top proponents change with the view draw",
 }
+# Where refinement (many more views for the few rows a verb shows) answers each figure.
+REMEDY = {
+    "median_cos": "refine queries and dedup (refine=)",
+    "self_influence_spearman": "refine the top of rank (rank --set refine=256)",
+    "top10_overlap": "refine queries (query --set refine=256)",
+}
 # Figures the Spearman-Brown projection applies to (correlation-like, in [0, 1]).
 PROJECTED = ("median_cos", "self_influence_spearman")
 
@@ -142,7 +148,7 @@ def describe(figures: dict) -> list[str]:
         reach = f"; about V = {needed} views would reach it" if needed else ""
         lines.append(
             f"  WARNING: {LABELS[name]} {figures[name]:.3f} is below the target {TARGETS[name]}"
-            f" ({CONSEQUENCE[name]}){reach}: raise influence.loss.num_views, or refine "
-            "queries and dedup (refine=)"
+            f" ({CONSEQUENCE[name]}){reach}: raise influence.loss.num_views, or "
+            f"{REMEDY[name]}"
         )
     return lines
