@@ -316,8 +316,6 @@ def run_size(n: int, dimension: int, folder: Path, verbs: list[str]) -> dict:
 
 def s3_agreement(n: int, dimension: int, folder: Path, verbs: list[str]) -> dict:
     """The same verbs on a copy of the index in S3 (moto on loopback); outputs compared."""
-    import boto3
-
     from pipeline.testing.s3server import start_s3_server
 
     server, endpoint = start_s3_server()
@@ -329,7 +327,19 @@ def s3_agreement(n: int, dimension: int, folder: Path, verbs: list[str]) -> dict
         "AWS_ENDPOINT_URL": endpoint,
         "INFLUENCE_SSL_CACHE": str(folder / "cache"),
     }
+    saved = dict(os.environ)
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    try:
+        return run_on_s3(folder, n, dimension, verbs, env, endpoint)
+    finally:  # later sizes must not meet the stopped endpoint (the synthetic shards are s3://)
+        server.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_on_s3(folder: Path, n: int, dimension: int, verbs: list[str], env: dict, endpoint: str):
+    import boto3
+
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="scale")
     local = folder / f"n{n}"
@@ -341,7 +351,6 @@ def s3_agreement(n: int, dimension: int, folder: Path, verbs: list[str]) -> dict
         results[verb] = measure(verb, "s3://scale/index", dimension, env)
         print(f"  s3 {verb}: {results[verb]}", flush=True)
     results["same_outputs"] = compare_outputs(str(local), "s3://scale/index")
-    server.stop()
     return results
 
 
