@@ -17,10 +17,11 @@ Writes `benchmarks/results/rank_refine_<setting>.md`.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
-from view_reliability import RESULTS, setting, trained
+from view_reliability import RESULTS, sample_arguments, setting, trained
 
 from pipeline.influence.engine import InfluenceSSL
 
@@ -88,15 +89,14 @@ def run(args) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--setting", default="demo")
-    parser.add_argument("--fit", type=int, default=2000)
-    parser.add_argument("--sample", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=200)
+    sample_arguments(parser, sample=2000)
     parser.add_argument("--top", type=int, default=200, help="T: rows refined (refine_top)")
     parser.add_argument("--refine", type=int, nargs="+", default=[64, 256])
     args = parser.parse_args()
     lines = run(args)
     command = (
-        f"`OMP_NUM_THREADS=2 python benchmarks/rank_refine.py --setting {args.setting} --fit "
+        f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python "
+        f"benchmarks/rank_refine.py --setting {args.setting} --fit "
         f"{args.fit} --sample {args.sample} --steps {args.steps} --top {args.top} --refine "
         + " ".join(str(r) for r in args.refine)
         + "`"

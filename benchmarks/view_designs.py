@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 
 import numpy as np
-from view_reliability import RESULTS, setting, trained
+from view_reliability import RESULTS, sample_arguments, setting, trained
 
 from pipeline.influence.engine import InfluenceSSL
 from pipeline.influence.reliability import measure
@@ -65,9 +65,7 @@ def refine_table(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--setting", default="demo")
-    parser.add_argument("--fit", type=int, default=2000)
-    parser.add_argument("--sample", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=200)
+    sample_arguments(parser, sample=300)
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--refine", type=int, nargs="*", help="refined-w views to compare")
     parser.add_argument("--seedings", nargs="+", default=["common", "stratified"])

@@ -110,6 +110,13 @@ def setting(name: str, args) -> tuple[InfluenceConfig, torch.Tensor, torch.Tenso
     return dataclasses.replace(base, device="cpu"), images[: args.fit], images[args.fit :]
 
 
+def sample_arguments(parser: argparse.ArgumentParser, sample: int) -> None:
+    """--fit, --sample and --steps: what `setting` and `trained` read."""
+    parser.add_argument("--fit", type=int, default=2000, help="fit images")
+    parser.add_argument("--sample", type=int, default=sample, help="images embedded")
+    parser.add_argument("--steps", type=int, default=200, help="SimCLR steps of the encoder")
+
+
 def trained(config: InfluenceConfig, images: torch.Tensor, steps: int) -> torch.nn.Module:
     torch.manual_seed(0)
     encoder = build_encoder(config.model)
@@ -187,9 +194,7 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--settings", nargs="+", default=["demo", "resnet18_32"])
-    parser.add_argument("--fit", type=int, default=2000)
-    parser.add_argument("--sample", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=200)
+    sample_arguments(parser, sample=300)
     parser.add_argument("--cost-sample", type=int, default=128)
     parser.add_argument("--rows", type=int, nargs="*", help="indices into ROWS (default all)")
     parser.add_argument("--out", default=str(RESULTS / "view_reliability.md"))

@@ -545,3 +545,14 @@ def test_unit_rows_of_float16_vectors_are_computed_in_float32():
     want = wide / np.maximum(np.linalg.norm(wide, axis=1), 1)[:, None]
     np.testing.assert_allclose(unit, want, atol=1e-6)
     assert (unit[3] == 0).all() and unit.dtype == np.float32
+
+
+def test_queries_with_nan_or_inf_are_refused(ivf_index):
+    index, vectors, _ = ivf_index
+    store = SearchStore(index, threads=1)
+    for bad in (np.nan, np.inf, -np.inf):
+        q = vectors[:3].copy()
+        q[1, 5] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            store.search(q, 5)
+    assert store.search(vectors[:3], 5)[1].shape == (3, 5)

@@ -758,7 +758,9 @@ class SearchStore:
                 f"got shape {q.shape}"
             )
         q = prepared(q, self.normalized)
-        if not np.isfinite(q).all():  # a NaN or inf in a row leaves a NaN or inf here
+        # A NaN or inf in a row leaves a NaN or inf here; unit rows sum to a finite number
+        # unless they hold one (one pass, no [Q, D] temporary).
+        if not np.isfinite(q.sum(axis=1) if self.normalized else q).all():
             raise ValueError("queries contain NaN or infinite values")
         return q
 
