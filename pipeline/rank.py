@@ -448,6 +448,7 @@ def refined_summary(table: pa.Table, views: int) -> dict:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    # Imported here: the reliability module loads torch, which a plain rank never needs.
     from pipeline.influence.reliability import spearman as rank_correlation
 
     return rank_correlation(a, b) if len(a) > 1 else float("nan")
