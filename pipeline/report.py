@@ -596,10 +596,13 @@ def _old_rank_section() -> list[Section]:
 
 
 def _rank_caption(row: dict) -> list[str]:
-    lines = [f"#{row['rank']}  s={num(row['self_influence'])}"]
     if "refined_rank" in row:  # the refined top: its order first, the index's beside it
-        lines = [f"#{row['refined_rank']} (index #{row['rank']})"]
-        lines.append(f"s={num(row['refined_self_influence'])} (index {num(row['self_influence'])})")
+        lines = [
+            f"#{row['refined_rank']} (index #{row['rank']})",
+            f"s={num(row['refined_self_influence'])} (index {num(row['self_influence'])})",
+        ]
+    else:
+        lines = [f"#{row['rank']}  s={num(row['self_influence'])}"]
     if row.get("loss") is not None:
         lines.append(f"loss={num(row['loss'], 3)}")
     if row.get("cls") is not None:

@@ -52,7 +52,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -811,12 +811,8 @@ class SearchStore:
         every = self.manifest["shards"]  # a row's lists live with its shard, searched or not
         if any(s.get("lists") is None for s in every) or len(rows) == 0:
             return None
-        offsets = np.array([s["offset"] for s in every] + [self.rows], np.int64)
-        if rows.min() < 0 or rows.max() >= self.rows:
-            raise IndexError(f"rows out of range [0, {self.rows})")
         out = np.empty((len(rows), probes), np.int64)
-        which = np.searchsorted(offsets, rows, side="right") - 1
-        for number in np.unique(which).tolist():
+        for number, mine, local in self.by_shard(rows):
             entry = every[number]["lists"]
             path = local_file(self.index.storage, entry, verify=True)
             stored = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -824,8 +820,6 @@ class SearchStore:
                 raise ValueError(f"search lists {entry['file']} hold {stored.shape} rows")
             if stored.shape[1] < probes:
                 return None
-            mine = which == number
-            local = rows[mine] - offsets[number]
             lo, hi = int(local.min()), int(local.max()) + 1
             out[mine] = np.asarray(stored[lo:hi, :probes])[local - lo]  # a copy: map closed
             del stored
@@ -838,17 +832,23 @@ class SearchStore:
         if self.kind != "ivfpq":
             return None
         rows = np.asarray(rows, np.int64)
-        every = self.manifest["shards"]  # a row's blocks live with its shard, searched or not
+        out = np.empty((len(rows), self.dimension), np.float16)
+        for number, mine, local in self.by_shard(rows):
+            with BlockReader(self, self.manifest["shards"][number]) as blocks:
+                blocks.read(local, out=out[mine[0] : mine[-1] + 1])  # a run: `rows` are sorted
+        return out
+
+    def by_shard(self, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(shard number, positions in `rows`, rows local to that shard) for every shard of
+        the whole index (not only those searched) holding some of the global `rows`."""
+        every = self.manifest["shards"]
         offsets = np.array([s["offset"] for s in every] + [self.rows], np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.rows):
             raise IndexError(f"rows out of range [0, {self.rows})")
-        out = np.empty((len(rows), self.dimension), np.float16)
         which = np.searchsorted(offsets, rows, side="right") - 1
         for number in np.unique(which).tolist():
-            mine = np.flatnonzero(which == number)  # a run: `rows` are sorted
-            with BlockReader(self, every[number]) as blocks:
-                blocks.read(rows[mine] - offsets[number], out=out[mine[0] : mine[-1] + 1])
-        return out
+            mine = np.flatnonzero(which == number)
+            yield number, mine, rows[mine] - offsets[number]
 
     def centroids(self) -> np.ndarray:
         """The coarse quantiser's centroids [nlist, d] (a view of FAISS's memory)."""
