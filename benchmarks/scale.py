@@ -78,7 +78,9 @@ class Rows:
     def part(self, number: int, previous: dict | None) -> dict:
         rng = np.random.default_rng([number, 17])
         w, cluster = self.vectors(rng, PART_ROWS)
-        hashes = np.array([f"{h:032x}" for h in rng.integers(0, 2**63, PART_ROWS)], dtype=object)
+        # 32 uniform hex digits, as a real digest: dedup buckets hashes by their first ones.
+        digest = rng.bytes(16 * PART_ROWS).hex()
+        hashes = np.array([digest[32 * r : 32 * (r + 1)] for r in range(PART_ROWS)], dtype=object)
         if previous is not None:  # near-copies and exact copies of the previous part's rows
             near = rng.choice(PART_ROWS, PART_ROWS // 100, replace=False)
             source = rng.integers(0, PART_ROWS, len(near))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -558,3 +559,21 @@ def test_queries_with_nan_or_inf_are_refused(ivf_index):
         with pytest.raises(ValueError, match="NaN or infinite"):
             store.search(q, 5)
     assert store.search(vectors[:3], 5)[1].shape == (3, 5)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int32])
+def test_npy_buffer_files_load_as_their_first_rows(dtype):
+    """A vector block or lists file is written from the buffer it was filled in: every prefix
+    of rows is a valid .npy file of those rows, with numpy's own alignment."""
+    buffer = searchstore.NpyBuffer((1_000, 24), dtype)
+    values = (np.arange(24_000) % 2_048).reshape(1_000, 24)  # exact in float16
+    buffer.array[:] = values
+    for rows in (1_000, 999, 7, 0):
+        data = buffer.file(rows)
+        loaded = np.load(io.BytesIO(bytes(data)), allow_pickle=False)
+        assert loaded.dtype == dtype and loaded.shape == (rows, 24)
+        np.testing.assert_array_equal(loaded, values[:rows])
+        assert buffer.header % 64 == 0
+        expected = io.BytesIO()
+        np.save(expected, loaded)
+        assert len(data) == len(expected.getvalue())

@@ -571,6 +571,28 @@ def test_delete_many_surfaces_errors_per_key(s3: S3Storage) -> None:
 # ----------------------------------------------------------------------------- one retry layer
 
 
+def test_buffer_writes_are_whole_through_faults(s3: S3Storage) -> None:
+    """A bytes-like body that is not bytes (a search shard's numpy buffer) is sent without a
+    copy; a retried attempt sends it again from its first byte, small or multipart."""
+    data = os.urandom(7 * MiB)
+    faults = ("slowdown", "internal", "reset")
+    with FaultProxy(s3.options.endpoint_url or "", rate=0.3, seed=5, faults=faults) as proxy:
+        flaky = with_options(
+            s3,
+            endpoint_url=proxy.endpoint_url,
+            multipart_threshold=5 * MiB,
+            part_size=5 * MiB,
+            retry=RetryPolicy(max_attempts=10, base_delay=0.01, max_delay=0.05),
+        )
+        for n in range(12):
+            flaky.write_bytes(f"small-{n}", memoryview(data)[n * 1000 : (n + 2) * 1000])
+        flaky.write_bytes("big", memoryview(bytearray(data)))
+    assert sum(proxy.counts.values()) >= 3, proxy.counts
+    for n in range(12):
+        assert s3.read_bytes(f"small-{n}") == data[n * 1000 : (n + 2) * 1000]
+    assert s3.read_bytes("big") == data
+
+
 def test_exactly_one_retry_layer(s3: S3Storage) -> None:
     """Every request, whatever the client (boto3, s3transfer, pyarrow), is attempted exactly
     the policy's number of times when every attempt fails: no layer retries another's retry."""

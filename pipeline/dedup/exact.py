@@ -20,8 +20,10 @@ import pyarrow.compute as pc
 
 from pipeline.index.reader import Index
 
-BUCKET_ROWS = 1 << 20  # rows per bucket aimed at (~60 MB of hashes and rows)
-MAX_BUCKETS = 4096  # the first 3 hex characters
+# Rows per bucket aimed at: grouping one costs ~400 bytes a row (hashes, rows, Arrow's hash
+# table and join), ~100 MB here. Up to 2.7 x 10^8 rows; above, buckets grow past it.
+BUCKET_ROWS = 1 << 18
+MAX_BUCKETS = 1024  # spill files open at once; a power of two dividing the 4,096 prefixes
 PARALLEL_PARTS = 8
 SPILL_SCHEMA = pa.schema([("pixel_hash", pa.string()), ("row", pa.int64())])
 # Hex digit value of each byte ('0'-'9', 'a'-'f', 'A'-'F'); other bytes by their low nibble,

@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -363,7 +362,7 @@ def write_trained(
     ivf = train_ivfpq(x, nlist, config.m or default_m(x.shape[1], STORED_MAX_M), config.seed)
     # The pre-transform does not own its parts (Python does) and is only serialised here.
     stored = faiss.IndexPreTransform(transform, ivf) if transform is not None else ivf
-    data = faiss.serialize_index(stored).tobytes()
+    data = memoryview(faiss.serialize_index(stored))
     name = f"{job.prefix}-trained.faiss"
     index.storage.write_bytes(name, data)
     return {
@@ -418,38 +417,48 @@ def build_shard(index: Index, job: ShardJob, item: dict) -> dict:
     name = f"{job.prefix}-shard-{item['number']:05d}"
     if job.kind == "flat":
         vectors = np.concatenate([read_part_vectors(index, job, p) for p in item["paths"]])
-        data = SearchIndex.build(vectors, kind="flat", normalized=job.normalized).to_bytes()
-        entry = file_entry(f"{name}.faiss", memoryview(data))
-        index.storage.write_bytes(entry["file"], data.tobytes())
+        data = memoryview(
+            SearchIndex.build(vectors, kind="flat", normalized=job.normalized).to_bytes()
+        )
+        entry = file_entry(f"{name}.faiss", data)
+        index.storage.write_bytes(entry["file"], data)
         return {**entry, **shard_fields(item)}
     trained = Trained.from_bytes(read_checked(index.storage, job.trained))
     shard = faiss.clone_index(trained.ivf)  # owns its quantiser copy, needed to encode
     blocks = VectorBlocks(index.storage, f"{name}-vectors", job.block_rows, job.dimension)
-    lists = []
+    # Memory per shard build: its codes, its lists and one vector block, each held once
+    # (the files are written from them in place).
+    lists = NpyBuffer((item["rows"], min(STORED_PROBES, shard.nlist)), np.int32)
+    added = 0
     for path in item["paths"]:  # one part at a time
         vectors = read_part_vectors(index, job, path)
+        if added + len(vectors) > item["rows"]:
+            raise ValueError(f"search shard {name}: its parts hold more than {item['rows']} rows")
         blocks.add(prepared(vectors, job.normalized).astype(np.float16))
-        lists.append(add_assigned(shard, reduced(vectors, job.normalized, trained.transform)))
+        x = reduced(vectors, job.normalized, trained.transform)
+        add_assigned(shard, x, lists.array[added : added + len(x)])
+        added += len(x)
     blocks.close()
     if shard.ntotal != item["rows"]:
         raise ValueError(f"search shard {name}: {shard.ntotal} vectors, parts say {item['rows']}")
     shard.quantizer.reset()  # the file keeps codes and ids only: the quantiser lives once
     data = faiss.serialize_index(shard)
+    del shard
     entry = file_entry(f"{name}.faiss", memoryview(data))
-    index.storage.write_bytes(entry["file"], data.tobytes())
-    lists_data = npy_bytes(np.concatenate(lists))
-    index.storage.write_bytes(f"{name}-lists.npy", lists_data)
-    lists_entry = file_entry(f"{name}-lists.npy", lists_data)
+    index.storage.write_bytes(entry["file"], memoryview(data))
+    del data
+    lists_entry = file_entry(f"{name}-lists.npy", lists.file())
+    index.storage.write_bytes(lists_entry["file"], lists.file())
     return {**entry, **shard_fields(item), "vectors": blocks.entries, "lists": lists_entry}
 
 
-def add_assigned(shard: faiss.IndexIVFPQ, x: np.ndarray) -> np.ndarray:
-    """Add rows `x` (reduced) to `shard` in their nearest list; returns each row's
-    STORED_PROBES nearest lists, best first (int32 [n, probes]), from the same search."""
-    _, lists = shard.quantizer.search(x, min(STORED_PROBES, shard.nlist))
-    nearest = np.ascontiguousarray(lists[:, 0], np.int64)
-    shard.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(nearest))
-    return lists.astype(np.int32)
+def add_assigned(shard: faiss.IndexIVFPQ, x: np.ndarray, lists: np.ndarray) -> None:
+    """Add rows `x` (reduced) to `shard` in their nearest list; fills `lists` (int32
+    [n, probes]) with each row's nearest lists, best first, from the same search."""
+    _, nearest = shard.quantizer.search(x, lists.shape[1])
+    lists[:] = nearest
+    first = np.ascontiguousarray(nearest[:, 0], np.int64)
+    shard.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(first))
 
 
 def shard_fields(item: dict) -> dict:
@@ -472,15 +481,16 @@ class VectorBlocks:
 
     def __init__(self, storage, prefix: str, rows: int, dimension: int) -> None:
         self.storage, self.prefix, self.rows = storage, prefix, rows
-        self.buffer = np.empty((rows, dimension), np.float16)
+        self.buffer: NpyBuffer | None = NpyBuffer((rows, dimension), np.float16)
         self.filled = 0
         self.entries: list[dict] = []
 
     def add(self, vectors: np.ndarray) -> None:
+        assert self.buffer is not None, "closed"
         done = 0
         while done < len(vectors):
             take = min(self.rows - self.filled, len(vectors) - done)
-            self.buffer[self.filled : self.filled + take] = vectors[done : done + take]
+            self.buffer.array[self.filled : self.filled + take] = vectors[done : done + take]
             self.filled += take
             done += take
             if self.filled == self.rows:
@@ -489,20 +499,48 @@ class VectorBlocks:
     def close(self) -> None:
         if self.filled:
             self.flush()
-        self.buffer = np.empty((0, 0), np.float16)
+        self.buffer = None
 
     def flush(self) -> None:
-        data = npy_bytes(self.buffer[: self.filled])
+        assert self.buffer is not None, "closed"
+        data = self.buffer.file(self.filled)
         name = f"{self.prefix}-{len(self.entries):05d}.npy"
         self.storage.write_bytes(name, data)
         self.entries.append({**file_entry(name, data), "rows": self.filled})
         self.filled = 0
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+class NpyBuffer:
+    """An .npy file laid out in one buffer, its header first, so that filling `array` fills
+    the file and writing it copies nothing; `file(rows)` is the file of the first rows."""
+
+    def __init__(self, shape: tuple[int, int], dtype: type) -> None:
+        self.dtype = np.dtype(dtype)
+        self.header = len(npy_header(shape, self.dtype))
+        self.data = bytearray(self.header + shape[0] * shape[1] * self.dtype.itemsize)
+        self.array = np.frombuffer(self.data, self.dtype, offset=self.header).reshape(shape)
+
+    def file(self, rows: int | None = None) -> memoryview:
+        rows = len(self.array) if rows is None else rows
+        shape = (rows, self.array.shape[1])
+        view = memoryview(self.data)
+        view[: self.header] = npy_header(shape, self.dtype, self.header)
+        return view[: self.header + rows * self.array.shape[1] * self.dtype.itemsize]
+
+
+def npy_header(shape: tuple[int, ...], dtype: np.dtype, length: int | None = None) -> bytes:
+    """An .npy (version 1.0) header for a C-ordered array: magic, length, the dict, padded
+    with spaces to a multiple of 64 bytes, or to `length` (a shorter shape's header fits in
+    a longer one's: numpy reads the dict whatever the padding)."""
+    text = repr(
+        {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
+    prefix = 10  # magic (6), version (2), header length (2)
+    total = length or -(-(prefix + len(text) + 1) // 64) * 64
+    if prefix + len(text) + 1 > total:
+        raise ValueError(f"an .npy header for {shape} does not fit in {total} bytes")
+    padded = text + " " * (total - prefix - len(text) - 1) + "\n"
+    return b"\x93NUMPY\x01\x00" + (total - prefix).to_bytes(2, "little") + padded.encode("latin1")
 
 
 # -- files: checked, cached ------------------------------------------------------------------

@@ -33,8 +33,9 @@ class Storage(ABC):
         beyond it); FileNotFoundError if missing."""
 
     @abstractmethod
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Publish ``data`` atomically: readers see the old object or the whole new one."""
+    def write_bytes(self, path: str, data: bytes | bytearray | memoryview) -> None:
+        """Publish ``data`` (any bytes-like object, written without a copy) atomically:
+        readers see the old object or the whole new one."""
 
     @abstractmethod
     def open_read(self, path: str) -> BinaryIO:

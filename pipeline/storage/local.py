@@ -38,7 +38,7 @@ class LocalStorage(Storage):
             f.seek(offset)
             return f.read(length)
 
-    def write_bytes(self, path: str, data: bytes) -> None:
+    def write_bytes(self, path: str, data: bytes | bytearray | memoryview) -> None:
         target = self._path(path)
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)

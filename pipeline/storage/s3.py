@@ -19,7 +19,7 @@ from pipeline.storage.names import _check_prefix, check_path
 from pipeline.storage.reader import _S3Reader
 from pipeline.storage.retry import _RETRYABLE_CODES, _client_error_code, call_with_retries
 from pipeline.storage.s3client import S3Options, _env_endpoint, _redact, _shared_client
-from pipeline.storage.transfer import upload_multipart
+from pipeline.storage.transfer import BufferReader, upload_multipart
 
 T = TypeVar("T")
 _READ_BUFFER = 256 * 1024
@@ -105,14 +105,18 @@ class S3Storage(Storage):
 
         return self._call("read_range", self.url(path), get)
 
-    def write_bytes(self, path: str, data: bytes) -> None:
+    def write_bytes(self, path: str, data: bytes | bytearray | memoryview) -> None:
         key, uri = self._key(path), self.url(path)
-        if not isinstance(data, bytes | bytearray):
-            data = bytes(data)
-        if len(data) <= self.options.multipart_threshold:
-            self._call("write", uri, partial(self.client.put_object, **self._at(key), Body=data))
-        else:  # each request is retried inside, not the whole upload
+        size = memoryview(data).nbytes
+        if size > self.options.multipart_threshold:  # each request is retried inside
             upload_multipart(self, key, uri, data)
+            return
+
+        def put() -> Any:  # a fresh reader each attempt: a failed one may have read part
+            body = data if isinstance(data, bytes) else BufferReader(data)
+            return self.client.put_object(**self._at(key), Body=body)
+
+        self._call("write", uri, put)
 
     def open_read(self, path: str) -> BinaryIO:
         raw = _S3Reader(self, self._key(path), self.url(path))

@@ -17,14 +17,45 @@ if TYPE_CHECKING:
     from pipeline.storage.s3 import S3Storage
 
 
-def upload_multipart(storage: S3Storage, key: str, uri: str, data: bytes) -> None:
+class BufferReader(io.RawIOBase):
+    """A seekable reader over a bytes-like object (a memoryview, a numpy buffer) that copies
+    nothing up front: `io.BytesIO` would copy a 100 MB search shard before uploading it."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._view[self._position : self._position + len(buffer)]
+        buffer[: len(chunk)] = chunk
+        self._position += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}
+        self._position = max(0, base[whence] + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+
+def upload_multipart(
+    storage: S3Storage, key: str, uri: str, data: bytes | bytearray | memoryview
+) -> None:
     """Parts uploaded concurrently by s3transfer, which aborts the upload if one fails for
     good; the object appears whole at completion or not at all."""
     from s3transfer.futures import NonThreadedExecutor
     from s3transfer.manager import TransferConfig, TransferManager
 
     options = storage.options
-    part = max(options.part_size, -(-len(data) // S3_MAX_PARTS))
+    part = max(options.part_size, -(-memoryview(data).nbytes // S3_MAX_PARTS))
     config = TransferConfig(
         multipart_threshold=options.multipart_threshold,
         multipart_chunksize=part,
@@ -32,7 +63,7 @@ def upload_multipart(storage: S3Storage, key: str, uri: str, data: bytes) -> Non
     )
     executor = None if options.max_concurrency > 1 else NonThreadedExecutor
     with TransferManager(_RetryingClient(storage, uri), config, executor_cls=executor) as manager:
-        manager.upload(io.BytesIO(data), storage.bucket, key).result()
+        manager.upload(BufferReader(data), storage.bucket, key).result()
 
 
 class _RetryingClient:
