@@ -7,12 +7,14 @@ or cuts bodies: nothing in boto3 is mocked, every S3 call here is HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
 import re
 import traceback
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -570,20 +572,31 @@ def test_delete_many_surfaces_errors_per_key(s3: S3Storage) -> None:
 
 # ----------------------------------------------------------------------------- one retry layer
 
+FAULTS = ("slowdown", "internal", "reset")
+
+
+@contextlib.contextmanager
+def through_faults(s3: S3Storage, seed: int) -> Iterator[tuple[FaultProxy, S3Storage]]:
+    """The store behind a proxy failing a third of requests (503, 500, reset), with patient
+    retries and 5 MiB multipart parts."""
+    with FaultProxy(s3.options.endpoint_url or "", rate=0.3, seed=seed, faults=FAULTS) as proxy:
+        yield (
+            proxy,
+            with_options(
+                s3,
+                endpoint_url=proxy.endpoint_url,
+                multipart_threshold=5 * MiB,
+                part_size=5 * MiB,
+                retry=RetryPolicy(max_attempts=10, base_delay=0.01, max_delay=0.05),
+            ),
+        )
+
 
 def test_buffer_writes_are_whole_through_faults(s3: S3Storage) -> None:
     """A bytes-like body that is not bytes (a search shard's numpy buffer) is sent without a
     copy; a retried attempt sends it again from its first byte, small or multipart."""
     data = os.urandom(7 * MiB)
-    faults = ("slowdown", "internal", "reset")
-    with FaultProxy(s3.options.endpoint_url or "", rate=0.3, seed=5, faults=faults) as proxy:
-        flaky = with_options(
-            s3,
-            endpoint_url=proxy.endpoint_url,
-            multipart_threshold=5 * MiB,
-            part_size=5 * MiB,
-            retry=RetryPolicy(max_attempts=10, base_delay=0.01, max_delay=0.05),
-        )
+    with through_faults(s3, seed=5) as (proxy, flaky):
         for n in range(12):
             flaky.write_bytes(f"small-{n}", memoryview(data)[n * 1000 : (n + 2) * 1000])
         flaky.write_bytes("big", memoryview(bytearray(data)))
@@ -673,17 +686,9 @@ def test_multipart_through_faults(s3: S3Storage) -> None:
     """503s, 500s and resets on a third of the requests of a concurrent multipart upload: each
     request is retried (a part's body rewound), the object is whole, never partial."""
     data = os.urandom(16 * MiB)
-    faults = ("slowdown", "internal", "reset")
-    with FaultProxy(s3.options.endpoint_url or "", rate=0.3, seed=3, faults=faults) as proxy:
-        flaky = with_options(
-            s3,
-            endpoint_url=proxy.endpoint_url,
-            multipart_threshold=5 * MiB,
-            part_size=5 * MiB,
-            retry=RetryPolicy(max_attempts=10, base_delay=0.01, max_delay=0.05),
-        )
+    with through_faults(s3, seed=3) as (proxy, flaky):
         flaky.write_bytes("mp", data)
-    assert all(proxy.counts[kind] >= 1 for kind in faults), proxy.counts
+    assert all(proxy.counts[kind] >= 1 for kind in FAULTS), proxy.counts
     assert s3.read_bytes("mp") == data
     etag = s3.client.head_object(Bucket=s3.bucket, Key=f"{s3.prefix}/mp")["ETag"]
     parts = [data[i : i + 5 * MiB] for i in range(0, len(data), 5 * MiB)]
