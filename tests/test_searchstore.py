@@ -205,12 +205,28 @@ def test_a_floor_skips_re_ranking_but_keeps_every_hit_above_it(tmp_path, monkeyp
             want = {r for r, s in zip(rows[q], scores[q], strict=True) if s >= floor}
             got = {r for r, s in zip(got_rows[q], got_scores[q], strict=True) if s >= floor}
             assert want == got and len(want) >= 2  # itself and its near-copy at least
-    # The bound itself: nothing it would skip has a cosine at or above the floor.
-    q = searchstore.l2_normalize(np.ascontiguousarray(queries, np.float32))
-    bound = searchstore.skip_below(q, store.trained.reduce(q), 0.5)
-    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    reduced = store.trained.reduce(np.ascontiguousarray(unit, np.float32))
-    assert ((q @ unit.T >= 0.5) <= (store.trained.reduce(q) @ reduced.T >= bound[:, None])).all()
+    # The bound itself, over every (query, row) pair: nothing it would skip has a cosine (with
+    # the float16 row re-ranking scores) at or above the floor, with the stored per-row
+    # bounds and with the older fixed slack.
+    q = searchstore.l2_normalize(queries)
+    small = store.trained.reduce(q)
+    unit = searchstore.l2_normalize(vectors)
+    ivf = store.trained.ivf
+    reconstructed = ivf.sa_decode(ivf.sa_encode(store.trained.reduce(unit)))
+    approx = small @ reconstructed.T  # each row's PQ score, as the scan computes it
+    cosine = q @ searchstore.l2_normalize(unit.astype(np.float16)).T
+    ids = np.broadcast_to(np.arange(len(vectors)), approx.shape)
+    bounds = np.concatenate([store.load_bounds(shard) for shard in store.shards])
+    for floor in (0.5, 0.9, 0.99):
+        terms = searchstore.floor_terms(q, small, floor)
+        for stored in (bounds, None):
+            kept = searchstore.above_floor(approx, ids, terms, stored) >= 0
+            assert (cosine >= floor)[~kept].sum() == 0
+        kept = searchstore.above_floor(approx, ids, terms, bounds) >= 0
+        print(
+            f"floor {floor}: {kept.mean():.4f} of pairs kept, {(cosine >= floor).mean():.4f} above"
+        )
+        assert floor < 0.9 or kept.sum() <= 3 * (cosine >= floor).sum()  # a tight bound
 
 
 def test_list_by_list_scan_gives_faiss_scores(ivf_index):
@@ -279,8 +295,10 @@ def test_rows_own_lists_are_stored_and_replace_the_quantiser_search(ivf_index):
     plan = store.plan(store.prepare(vectors[rows]), 4, 12, 5, rows=rows)
     np.testing.assert_array_equal(plan["coarse_i"], stored[:, :4])
     np.testing.assert_allclose(plan["coarse_d"], want_d[:, :4], rtol=1e-5, atol=1e-5)
-    plain = store.search(vectors[rows], 5, nprobe=4, candidates=12)
+    # With `rows`, a row is left out of its own hits: the plain search's hits less itself.
+    plain = without_own(*store.search(vectors[rows], 6, nprobe=4, candidates=12), rows, 5)
     own = store.search(vectors[rows], 5, nprobe=4, candidates=12, rows=rows)
+    assert not (own[1] == rows[:, None]).any()
     assert (own[1] == plain[1]).mean() > 0.999
     np.testing.assert_allclose(own[0], plain[0], atol=1e-6)
     # An older search index, without stored lists, searches the quantiser instead.
@@ -289,6 +307,26 @@ def test_rows_own_lists_are_stored_and_replace_the_quantiser_search(ivf_index):
     assert older.stored_lists(rows, 4) is None
     again = older.search(vectors[rows], 5, nprobe=4, candidates=12, rows=rows)
     np.testing.assert_array_equal(again[1], plain[1])
+
+
+def without_own(scores, found, rows, k):
+    keep = [np.flatnonzero(f != r)[:k] for f, r in zip(found, rows, strict=True)]
+    return np.stack([s[i] for s, i in zip(scores, keep, strict=True)]), np.stack(
+        [f[i] for f, i in zip(found, keep, strict=True)]
+    )
+
+
+def test_a_flat_search_leaves_rows_out_of_their_own_hits(tmp_path):
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(600, 16)).astype(np.float32)
+    index = write_vector_index(tmp_path, np.split(vectors, 3))
+    build_search_index(index, SearchConfig(kind="flat", shard_rows=250))
+    store = SearchStore(index, threads=1)
+    rows = np.arange(100, 500, 7)
+    plain = without_own(*store.search(vectors[rows], 6), rows, 5)
+    own = store.search(vectors[rows], 5, rows=rows)
+    np.testing.assert_array_equal(own[1], plain[1])
+    np.testing.assert_allclose(own[0], plain[0], atol=1e-6)
 
 
 def exact_cosines(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -170,7 +170,7 @@ def edge_batch(uri: str, digest: str, settings: dict, task: dict) -> dict:
     # The search index's float16 copies (what re-ranking compares them with), else the parts.
     x = store.stored_vectors(rows)
     x = read_vectors(index, task["parts"], settings["column"]) if x is None else x
-    k = settings["k"] + 1  # the row itself is usually the first hit
+    k = settings["k"]  # the search leaves each row out of its own hits
     step = query_rows(k, len(store.shards))
     found_scores, found_rows = [], []
     for lo in range(0, len(x), step):
@@ -178,7 +178,7 @@ def edge_batch(uri: str, digest: str, settings: dict, task: dict) -> dict:
             x[lo : lo + step],
             k,
             nprobe=settings["nprobe"],
-            candidates=max(k, settings["candidates"]),
+            candidates=max(k + 1, settings["candidates"]),  # the row itself among them
             floor=settings["floor"],  # pairs below it are dropped: skip re-ranking them
             rows=rows[lo : lo + step],  # its own rows: their stored lists, no quantiser search
         )

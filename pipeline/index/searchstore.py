@@ -339,7 +339,7 @@ def files_of(manifest: dict) -> list[str]:
     for shard in manifest["shards"]:
         files.append(shard["file"])
         files += [block["file"] for block in shard.get("vectors") or []]
-        files += [shard["lists"]["file"]] if shard.get("lists") else []
+        files += [shard[name]["file"] for name in ("lists", "bounds") if shard.get(name)]
     return files
 
 
@@ -429,15 +429,21 @@ def build_shard(index: Index, job: ShardJob, item: dict) -> dict:
     # Memory per shard build: its codes, its lists and one vector block, each held once
     # (the files are written from them in place).
     lists = NpyBuffer((item["rows"], min(STORED_PROBES, shard.nlist)), np.int32)
+    bounds = NpyBuffer((item["rows"], 2), np.float32) if job.normalized else None
     added = 0
     for path in item["paths"]:  # one part at a time
         vectors = read_part_vectors(index, job, path)
         if added + len(vectors) > item["rows"]:
             raise ValueError(f"search shard {name}: its parts hold more than {item['rows']} rows")
-        blocks.add(prepared(vectors, job.normalized).astype(np.float16))
-        x = reduced(vectors, job.normalized, trained.transform)
-        add_assigned(shard, x, lists.array[added : added + len(x)])
-        added += len(x)
+        span = slice(added, added + len(vectors))
+        x = prepared(vectors, job.normalized)
+        stored = x.astype(np.float16)
+        blocks.add(stored)
+        small = np.ascontiguousarray(trained.reduce(x), np.float32)
+        reconstructed = add_assigned(shard, small, lists.array[span])
+        if bounds is not None:
+            bounds.array[span] = floor_bounds(x, stored, small, reconstructed, trained.transform)
+        added += len(vectors)
     blocks.close()
     if shard.ntotal != item["rows"]:
         raise ValueError(f"search shard {name}: {shard.ntotal} vectors, parts say {item['rows']}")
@@ -447,18 +453,51 @@ def build_shard(index: Index, job: ShardJob, item: dict) -> dict:
     entry = file_entry(f"{name}.faiss", memoryview(data))
     index.storage.write_bytes(entry["file"], memoryview(data))
     del data
-    lists_entry = file_entry(f"{name}-lists.npy", lists.file())
-    index.storage.write_bytes(lists_entry["file"], lists.file())
-    return {**entry, **shard_fields(item), "vectors": blocks.entries, "lists": lists_entry}
+    extra = {"lists": write_npy(index.storage, f"{name}-lists.npy", lists)}
+    if bounds is not None:
+        extra["bounds"] = write_npy(index.storage, f"{name}-bounds.npy", bounds)
+    return {**entry, **shard_fields(item), "vectors": blocks.entries, **extra}
 
 
-def add_assigned(shard: faiss.IndexIVFPQ, x: np.ndarray, lists: np.ndarray) -> None:
+def write_npy(storage, name: str, buffer: NpyBuffer) -> dict:
+    storage.write_bytes(name, buffer.file())
+    return file_entry(name, buffer.file())
+
+
+def add_assigned(shard: faiss.IndexIVFPQ, x: np.ndarray, lists: np.ndarray) -> np.ndarray:
     """Add rows `x` (reduced) to `shard` in their nearest list; fills `lists` (int32
-    [n, probes]) with each row's nearest lists, best first, from the same search."""
+    [n, probes]) with each row's nearest lists, best first, from the same search. Returns
+    the rows as their codes reconstruct them (centroid + decoded residual) [n, d]."""
     _, nearest = shard.quantizer.search(x, lists.shape[1])
     lists[:] = nearest
     first = np.ascontiguousarray(nearest[:, 0], np.int64)
-    shard.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(first))
+    codes = np.empty((len(x), shard.sa_code_size()), np.uint8)
+    shard.encode_vectors(
+        len(x), faiss.swig_ptr(x), faiss.swig_ptr(first), faiss.swig_ptr(codes), True
+    )
+    shard.add_sa_codes(codes)
+    return shard.sa_decode(codes)
+
+
+def floor_bounds(
+    x: np.ndarray,
+    stored: np.ndarray,
+    small: np.ndarray,
+    reconstructed: np.ndarray,
+    transform: faiss.LinearTransform | None,
+) -> np.ndarray:
+    """Per row (unit `x`, its float16 copy `stored` that re-ranking scores, `small` = P x,
+    and its PQ reconstruction), float32 [n, 2]: bounds on the residual norm |y - P^T P y|
+    and on |P y - reconstruction|, for y the unit `stored` row. With them a candidate's
+    cosine with a unit query q is at most
+        PQ score + |q_s| * bound[1] + |r_q| * bound[0]    (`above_floor`),
+    each term by Cauchy-Schwarz, since |P y - P x| <= |y - x| = delta."""
+    delta = np.linalg.norm(l2_normalize(stored) - x, axis=1)
+    residual = np.zeros(len(x), np.float32)
+    if transform is not None:
+        residual = np.sqrt(np.clip(1.0 - np.einsum("nd,nd->n", small, small), 0.0, None))
+    error = np.linalg.norm(small - reconstructed, axis=1)
+    return np.stack([residual + delta, error + delta], axis=1).astype(np.float32)
 
 
 def shard_fields(item: dict) -> dict:
@@ -754,21 +793,30 @@ class SearchStore:
         PQ score bounds their cosine below it are not re-ranked (`skip_below`); every hit >=
         floor among the top k is returned as without it, others may be missing.
 
-        `rows`: the queries are these rows' own vectors (dedup): IVF-PQ then takes their
-        nearest lists from the search index (stored by `build`) instead of searching the
-        quantiser, for nprobe <= STORED_PROBES."""
+        `rows`: the queries are these rows' own vectors (dedup): a row is left out of its own
+        results (and not read to re-rank it), and IVF-PQ takes their nearest lists from the
+        search index (stored by `build`) instead of searching the quantiser, for nprobe <=
+        STORED_PROBES."""
         q = self.prepare(queries)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         k = min(int(k), sum(s["rows"] for s in self.shards))
         if opponents:
             q = -q
-        plan = self.plan(q, nprobe, candidates, k, None if opponents else rows)
+        own = None if rows is None else np.asarray(rows, np.int64)
+        if own is not None and len(own) != len(q):
+            raise ValueError(f"{len(own)} rows given for {len(q)} queries")
+        searched = k + 1 if own is not None and self.kind == "flat" else k  # flat: drop it after
+        plan = self.plan(q, nprobe, candidates, searched, None if opponents else own)
+        if own is not None:
+            plan["own"] = own
         if floor is not None and self.kind == "ivfpq" and self.normalized and not opponents:
-            plan["skip_below"] = skip_below(q, plan["small"], float(floor))
+            plan["floor"] = floor_terms(q, plan["small"], float(floor))
         found = self.map(functools.partial(self.search_shard, plan), self.shards)
         scores = np.hstack([f[0] for f in found]) if found else np.empty((len(q), 0), np.float32)
         rows = np.hstack([f[1] for f in found]) if found else np.empty((len(q), 0), np.int64)
+        if own is not None:
+            rows = np.where(rows == own[:, None], -1, rows)
         scores, rows = merge_top_k(scores, rows, k, ascending=False)
         return (-scores, rows) if opponents else (scores, rows)
 
@@ -920,8 +968,10 @@ class SearchStore:
             ivf = self.load_ivf(shard)
             c = min(plan["candidates"], shard["rows"])
             approx, ids = scan(ivf.index, plan, c)
-            if "skip_below" in plan:
-                ids = np.where(approx >= plan["skip_below"][:, None], ids, -1)
+            if "own" in plan:  # its own row: left out, never read
+                ids = np.where(ids == (plan["own"] - shard["offset"])[:, None], -1, ids)
+            if "floor" in plan:
+                ids = above_floor(approx, ids, plan["floor"], self.load_bounds(shard))
             if not self.resident:
                 del ivf
             with BlockReader(self, shard) as blocks:
@@ -945,6 +995,18 @@ class SearchStore:
                 self._open.setdefault(key, search)
         return self._open[key]
 
+    def load_bounds(self, shard: dict) -> np.ndarray | None:
+        """The shard's per-row floor bounds (`floor_bounds`), memory-mapped; None for a
+        search index built before they were stored."""
+        entry = shard.get("bounds")
+        if entry is None:
+            return None
+        path = local_file(self.index.storage, entry, verify=True)
+        bounds = np.load(path, mmap_mode="r", allow_pickle=False)
+        if bounds.shape != (shard["rows"], 2) or bounds.dtype != np.float32:
+            raise ValueError(f"search bounds {entry['file']} hold {bounds.dtype} {bounds.shape}")
+        return bounds
+
     def load_ivf(self, shard: dict) -> MappedShard:
         key = shard["file"]
         if key in self._open:
@@ -958,21 +1020,41 @@ class SearchStore:
         return ivf
 
 
-# Bound on a PQ score's error on unit vectors: q_s . (x_s - x~_s) <= |x_s - x~_s|, the
-# code's reconstruction error (2 dimensions per 8-bit sub-quantiser: a few hundredths).
+# Bound on a PQ score's error on unit vectors, for search indexes built without per-row
+# bounds: q_s . (x_s - x~_s) <= |x_s - x~_s|, the code's reconstruction error (2 dimensions
+# per 8-bit sub-quantiser: a few hundredths, but not proven).
 PQ_SLACK = 0.1
+# Float32 rounding of the PQ score and of the stored bounds (unit vectors: ~1e-6).
+ROUNDING = 1e-4
 
 
-def skip_below(q: np.ndarray, small: np.ndarray, floor: float) -> np.ndarray:
-    """Per query, the PQ score under which a candidate's cosine is surely below `floor`.
-
-    For unit q and x and an orthonormal principal map, cos = q_s . x_s + r_q . r_x with
-    |r_q . r_x| <= |r_q| |r_x| <= |r_q| = sqrt(1 - |q_s|^2), the query's energy outside the
-    kept directions; the PQ score is q_s . x_s up to PQ_SLACK."""
+def floor_terms(q: np.ndarray, small: np.ndarray, floor: float) -> dict:
+    """What `above_floor` needs of each unit query: |q_s| = |P q| and |r_q| = sqrt(1 -
+    |q_s|^2), its energy outside the kept principal directions."""
     kept = np.einsum("qd,qd->q", small, small)
     total = np.einsum("qd,qd->q", q, q)
-    residual = np.sqrt(np.clip(total - kept, 0.0, None))
-    return (floor - residual - PQ_SLACK).astype(np.float32)
+    return {
+        "value": floor,
+        "reduced": np.sqrt(kept).astype(np.float32),
+        "residual": np.sqrt(np.clip(total - kept, 0.0, None)).astype(np.float32),
+    }
+
+
+def above_floor(
+    approx: np.ndarray, ids: np.ndarray, terms: dict, bounds: np.ndarray | None
+) -> np.ndarray:
+    """`ids` with -1 where the candidate's cosine is surely below the floor, so it is not
+    re-ranked. With the shard's per-row `bounds` (`floor_bounds`) the bound is proven:
+    cos <= approx + |q_s| e_x + |r_q| r_x. Without (an older search index): |r_x| <= 1 and
+    the PQ error <= PQ_SLACK."""
+    floor, reduced_q, residual_q = terms["value"], terms["reduced"], terms["residual"]
+    if bounds is None:
+        threshold = (floor - residual_q - PQ_SLACK)[:, None]
+    else:
+        row = bounds[np.where(ids >= 0, ids, 0)]  # [n, c, 2]
+        slack = residual_q[:, None] * row[..., 0] + reduced_q[:, None] * row[..., 1]
+        threshold = floor - slack - ROUNDING
+    return np.where(approx >= threshold, ids, -1)
 
 
 def preassigned_search(ivf: faiss.IndexIVFPQ, plan: dict, c: int) -> tuple[np.ndarray, np.ndarray]:
