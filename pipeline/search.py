@@ -44,7 +44,6 @@ _MAX_HEADER = 1 << 16
 # for dedup's queries, ordered by nearest list) are a few MiB.
 RERANK_PAIRS = 4096
 NORMALIZE_ROWS = 4096
-TORCH_CONVERSION_VALUES = 1 << 20  # float16 values converted by torch rather than FAISS
 # PQ codes of high-dimensional whitened vectors rank neighbours coarsely: re-ranking 100 k
 # candidates exactly brings recall@10 to ~1 at a few ms per query (benchmarks/search_latency.py).
 CANDIDATES_PER_RESULT = 100
@@ -219,9 +218,9 @@ def l2_normalize(x: np.ndarray, as_float32: bool = False) -> np.ndarray:
 
 
 def to_float32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Rows [n, d] as contiguous float32 (into `out` when given). float16: many values
-    through torch's vectorised conversion (3.4x FAISS's decoder, which is 1.6x numpy's, at
-    one thread), fewer through FAISS (not worth torch's 1.5 s import)."""
+    """Rows [n, d] as contiguous float32 (into `out` when given); float16 through FAISS's
+    decoder, 1.6x numpy's conversion. (torch's is 5-10x faster still, but importing it costs
+    a process 1.5 s and ~180 MiB: measured slower for a dedup batch.)"""
     x = np.asarray(x)
     if x.dtype != np.float16 or x.ndim != 2 or x.size == 0:
         if out is None:
@@ -230,11 +229,6 @@ def to_float32(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return out
     x = np.ascontiguousarray(x)
     out = np.empty(x.shape, np.float32) if out is None else out
-    if x.size >= TORCH_CONVERSION_VALUES and x.flags.writeable and out.flags.c_contiguous:
-        import torch
-
-        torch.from_numpy(out).copy_(torch.from_numpy(x))
-        return out
     codec = _float16_codec(x.shape[1])
     codec.sa_decode_c(len(x), faiss.swig_ptr(x.view(np.uint8)), faiss.swig_ptr(out))
     return out
