@@ -217,12 +217,13 @@ def test_a_floor_skips_re_ranking_but_keeps_every_hit_above_it(tmp_path, monkeyp
     cosine = q @ searchstore.l2_normalize(unit.astype(np.float16)).T
     ids = np.broadcast_to(np.arange(len(vectors)), approx.shape)
     bounds = np.concatenate([store.load_bounds(shard) for shard in store.shards])
+    whole = {"bounds": {"max": bounds.max(axis=0).tolist()}}  # one shard of every row
     for floor in (0.5, 0.9, 0.99):
         terms = searchstore.floor_terms(q, small, floor)
-        for stored in (bounds, None):
-            kept = searchstore.above_floor(approx, ids, terms, stored) >= 0
+        for shard in (whole, {}):  # with per-row bounds, and an older index's fixed slack
+            kept = searchstore.above_floor(approx, ids, terms, shard, lambda _: bounds) >= 0
             assert (cosine >= floor)[~kept].sum() == 0
-        kept = searchstore.above_floor(approx, ids, terms, bounds) >= 0
+        kept = searchstore.above_floor(approx, ids, terms, whole, lambda _: bounds) >= 0
         print(
             f"floor {floor}: {kept.mean():.4f} of pairs kept, {(cosine >= floor).mean():.4f} above"
         )

@@ -456,6 +456,7 @@ def build_shard(index: Index, job: ShardJob, item: dict) -> dict:
     extra = {"lists": write_npy(index.storage, f"{name}-lists.npy", lists)}
     if bounds is not None:
         extra["bounds"] = write_npy(index.storage, f"{name}-bounds.npy", bounds)
+        extra["bounds"]["max"] = bounds.array.max(axis=0).tolist() if added else [0.0, 0.0]
     return {**entry, **shard_fields(item), "vectors": blocks.entries, **extra}
 
 
@@ -971,7 +972,7 @@ class SearchStore:
             if "own" in plan:  # its own row: left out, never read
                 ids = np.where(ids == (plan["own"] - shard["offset"])[:, None], -1, ids)
             if "floor" in plan:
-                ids = above_floor(approx, ids, plan["floor"], self.load_bounds(shard))
+                ids = above_floor(approx, ids, plan["floor"], shard, self.load_bounds)
             if not self.resident:
                 del ivf
             with BlockReader(self, shard) as blocks:
@@ -1041,20 +1042,30 @@ def floor_terms(q: np.ndarray, small: np.ndarray, floor: float) -> dict:
 
 
 def above_floor(
-    approx: np.ndarray, ids: np.ndarray, terms: dict, bounds: np.ndarray | None
+    approx: np.ndarray,
+    ids: np.ndarray,
+    terms: dict,
+    shard: dict,
+    load_bounds: Callable[[dict], np.ndarray | None],
 ) -> np.ndarray:
     """`ids` with -1 where the candidate's cosine is surely below the floor, so it is not
-    re-ranked. With the shard's per-row `bounds` (`floor_bounds`) the bound is proven:
-    cos <= approx + |q_s| e_x + |r_q| r_x. Without (an older search index): |r_x| <= 1 and
-    the PQ error <= PQ_SLACK."""
+    re-ranked. With the shard's per-row bounds (`floor_bounds`) the bound is proven:
+    cos <= approx + |q_s| e_x + |r_q| r_x, first with the shard's largest e and r (no
+    lookup), then row by row for the candidates left. Without (an older search index):
+    |r_x| <= 1 and the PQ error <= PQ_SLACK."""
     floor, reduced_q, residual_q = terms["value"], terms["reduced"], terms["residual"]
-    if bounds is None:
-        threshold = (floor - residual_q - PQ_SLACK)[:, None]
-    else:
-        row = bounds[np.where(ids >= 0, ids, 0)]  # [n, c, 2]
-        slack = residual_q[:, None] * row[..., 0] + reduced_q[:, None] * row[..., 1]
-        threshold = floor - slack - ROUNDING
-    return np.where(approx >= threshold, ids, -1)
+    entry = shard.get("bounds")
+    if entry is None:
+        return np.where(approx >= (floor - residual_q - PQ_SLACK)[:, None], ids, -1)
+    largest_r, largest_e = entry["max"]
+    loose = floor - residual_q * largest_r - reduced_q * largest_e - ROUNDING
+    ids = np.where(approx >= loose[:, None], ids, -1)
+    left = np.nonzero(ids >= 0)
+    if len(left[0]):
+        row = load_bounds(shard)[ids[left]]  # [m, 2]
+        slack = residual_q[left[0]] * row[:, 0] + reduced_q[left[0]] * row[:, 1]
+        ids[left] = np.where(approx[left] >= floor - slack - ROUNDING, ids[left], -1)
+    return ids
 
 
 def preassigned_search(ivf: faiss.IndexIVFPQ, plan: dict, c: int) -> tuple[np.ndarray, np.ndarray]:
