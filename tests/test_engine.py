@@ -54,6 +54,27 @@ def test_w_of_an_example_does_not_depend_on_its_batch(fitted, digits):
     assert fitted.tracker.names[-1] == "projector.layers.3"
 
 
+@pytest.mark.parametrize("kind", ["dense_all", "dense", "ekfac"])
+def test_fit_embed_is_fit_then_embed(digits, kind):
+    """One pass (dense: the fit pass keeps the gradients it sums and whitens them) or two
+    (EK-FAC), fit_embed gives the w and the curvature of fit then embed."""
+    config = small_config(batch_size=16)
+    config.curvature.kind = kind
+    torch.manual_seed(0)
+    encoder = build_encoder(config.model)
+    images, keys = digits[:90], default_keys(90)
+    two = InfluenceSSL(encoder, config).fit(images, keys)
+    one = InfluenceSSL(encoder, config)
+    w = one.fit_embed(images, keys)
+    assert one.curvature.kind == two.curvature.kind and one.curvature.fitted
+    torch.testing.assert_close(w, two.embed(images, keys), rtol=1e-5, atol=1e-6)
+    state = two.curvature.state_dict()
+    for name, tensor in one.curvature.state_dict().items():
+        torch.testing.assert_close(tensor, state[name])
+    # Fitted already: fit_embed fits nothing more and embeds with the curvature it has.
+    torch.testing.assert_close(one.fit_embed(images[:20], keys[:20]), w[:20])
+
+
 def test_scores_are_inner_products_and_self_influence_is_the_diagonal(fitted, digits):
     w = fitted.embed(digits[:30])
     scores = influence(w, w)

@@ -188,6 +188,23 @@ class InfluenceSSL:
         ]
         return torch.cat(parts) if parts else torch.empty(0, self.curvature.dimension)
 
+    def fit_embed(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> torch.Tensor:
+        """`fit(images)` then `embed(images)`, the same w. Where the curvature is fitted in
+        one pass over per-example gradients (dense), that pass keeps them ([N, D] on the
+        CPU) and whitens them once fitted: one backward pass per example instead of two."""
+        keys = keys if keys is not None else default_keys(len(images))
+        remaining = [p for p in self.curvature.passes if p not in self.curvature.completed]
+        if not (self.curvature.gradients_only and len(remaining) == 1):
+            return self.fit(images, keys).embed(images, keys)
+        stats, kept = Statistics(), []
+        for batch_images, batch_keys in batches(images, keys, self.examples_per_batch()):
+            batch = self.project(batch_images, batch_keys)
+            self.curvature.accumulate(remaining[0], stats, batch)
+            kept.append({name: g.cpu() for name, g in batch.gradients().items()})
+        self.complete_pass(remaining[0], stats)
+        parts = [self.curvature.whiten(gradients).float().cpu() for gradients in kept]
+        return torch.cat(parts) if parts else torch.empty(0, self.curvature.dimension)
+
     @torch.no_grad()
     def represent(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm representation z(x) [B, out_dim] of the un-augmented images.

@@ -135,6 +135,9 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Curvature(ABC):
     kind: str = ""
     passes: tuple[str, ...] = ()
+    # Its passes read only the per-example gradients, which whitening reads too: one pass
+    # over the network can both fit it and embed (`InfluenceSSL.fit_embed`).
+    gradients_only: bool = False
 
     def __init__(self, layers: list[LayerShape], config: CurvatureConfig) -> None:
         if not layers:

@@ -24,6 +24,7 @@ from pipeline.influence.statistics import Statistics
 class DenseCurvature(Curvature):
     kind = "dense"
     passes = ("fisher",)
+    gradients_only = True
 
     def __init__(self, layers, config, across_layers: bool = False) -> None:
         super().__init__(layers, config)
