@@ -14,6 +14,10 @@ Layout under the index URI (`directory` is `search` for `w`)::
     search/<gen>-shard-00000-lists.npy         (IVF-PQ) each row's STORED_PROBES nearest lists
                                                (int32, best first), for searches of the
                                                index's own rows (dedup)
+    search/<gen>-shard-00000-bounds.npy        (IVF-PQ, cosine) each row's residual norm and PQ
+                                               error (float32 [rows, 2], `floor_bounds`):
+                                               searches with a floor skip candidates they
+                                               prove below it
 
 `<gen>` names one build (a hash of the parts and settings): a rebuild writes new files, then
 the manifest, then removes the previous build's files, so readers never mix builds.
