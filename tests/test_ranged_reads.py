@@ -377,3 +377,34 @@ def test_report_thumbnails_by_range(s3_index, s3_endpoint, monkeypatch):
     for path in thumbs:
         thumb = np.asarray(Image.open(io.BytesIO(report.read_bytes(path))))
         assert thumb[::2, ::2].tobytes() in digits
+
+
+def test_thumbnails_stop_trying_an_unreachable_store(s3_endpoint, digit_shards, monkeypatch):
+    """After one shard's store refuses every connection (retries spent), the other shards
+    there are not tried: each would wait out the retry budget to fail the same way."""
+    from pipeline.data import lookup
+    from pipeline.storage import S3Options, StoreUnreachableError
+    from tests.conftest import free_port
+    from tests.test_storage import FAST
+
+    dead = S3Storage(
+        "gone", options=S3Options(endpoint_url=f"http://127.0.0.1:{free_port()}", retry=FAST)
+    )
+    with pytest.raises(StoreUnreachableError, match="unreachable"):
+        dead.read_bytes("anything")
+    real_scan, tried = lookup.scan_shard, []
+
+    def scan(shard, keys, spans=None):
+        tried.append(shard)
+        if shard.startswith("s3://gone/"):
+            dead.read_range(shard.removeprefix("s3://gone/"), 0, 512)  # raises
+        return real_scan(shard, keys, spans=spans)
+
+    monkeypatch.setattr(lookup, "scan_shard", scan)
+    _, urls = digit_shards
+    key = next(iter(spans_of(urls[0])[1]))
+    pairs = [(f"s3://gone/shard-{i}.tar", "k") for i in range(12)] + [(urls[0], key)]
+    images, missing = shard_thumbnails(pairs, 56, max_workers=1)
+    assert tried == ["s3://gone/shard-0.tar", urls[0]]
+    assert {missing[(f"s3://gone/shard-{i}.tar", "k")] for i in range(12)} == {lookup.UNREACHABLE}
+    assert (urls[0], key) in images

@@ -38,6 +38,7 @@ from pipeline.data.webdataset import (
     _groups,
     _ShardState,
 )
+from pipeline.storage.errors import StoreUnreachableError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ NOT_IN_SHARD = "not_in_shard"  # the shard was read to its end without the key
 NO_IMAGE = "missing_image"  # the sample has no image member (or an oversized one)
 UNDECODABLE = "undecodable_image"
 READ_ERROR = "read_error"  # the shard exists but could not be opened (denied, bad URL, ...)
+UNREACHABLE = "store_unreachable"  # no connection to its store (this shard, or one before it)
 _PLACEHOLDER_GREY = 225
 _GREY_MODES = ("1", "L", "LA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 # Part columns locating an example's bytes in its (uncompressed) shard.
@@ -317,9 +319,10 @@ def shard_thumbnails(
     missing: dict[tuple[str, str], str] = {}
     if not by_shard:
         return images, missing
+    breaker = Breaker()
     with ThreadPoolExecutor(max(1, min(max_workers, len(by_shard)))) as pool:
         jobs = {
-            shard: pool.submit(_one_shard, shard, keys, size, spans.get(shard))
+            shard: pool.submit(_one_shard, shard, keys, size, spans.get(shard), breaker)
             for shard, keys in by_shard.items()
         }
         for shard, job in jobs.items():
@@ -332,13 +335,43 @@ def shard_thumbnails(
     return images, missing
 
 
+class Breaker:
+    """The stores found unreachable: the shards after the first failure there are not tried
+    (each would wait out the whole retry budget, ~10-20 s, to fail the same way)."""
+
+    def __init__(self) -> None:
+        self.down: set[str] = set()
+
+    @staticmethod
+    def store(shard: str) -> str:
+        return shard.split("/", 3)[2] if "://" in shard else ""
+
+    def open(self, shard: str) -> bool:
+        return self.store(shard) in self.down
+
+    def trip(self, shard: str) -> None:
+        if self.store(shard) not in self.down:
+            log.warning("store of %s unreachable: its other shards are not tried", shard)
+        self.down.add(self.store(shard))
+
+
 def _one_shard(
-    shard: str, keys: set[str], size: int, spans: Mapping[str, Span] | None = None
+    shard: str,
+    keys: set[str],
+    size: int,
+    spans: Mapping[str, Span] | None = None,
+    breaker: Breaker | None = None,
 ) -> tuple[dict[str, bytes], dict[str, str]]:
     """(PNG by key, reason by missing key) of one shard; never raises."""
+    breaker = breaker or Breaker()
+    if breaker.open(shard):
+        return {}, dict.fromkeys(keys, UNREACHABLE)
     try:
         scan = scan_shard(shard, keys, spans=spans)
     except Exception as exc:  # a vanished shard, a denied read, a bad URL: the report goes on
+        if isinstance(exc, StoreUnreachableError):
+            breaker.trip(shard)
+            return {}, dict.fromkeys(keys, UNREACHABLE)
         reason = MISSING_SHARD if isinstance(exc, FileNotFoundError) else READ_ERROR
         log.debug("cannot open %s: %s", shard, exc)
         return {}, dict.fromkeys(keys, reason)

@@ -20,7 +20,12 @@ Import from this package; the parts are an implementation detail.
 """
 
 from pipeline.storage.base import Storage
-from pipeline.storage.errors import AccessDeniedError, ObjectNotFoundError, StorageError
+from pipeline.storage.errors import (
+    AccessDeniedError,
+    ObjectNotFoundError,
+    StorageError,
+    StoreUnreachableError,
+)
 from pipeline.storage.local import LocalStorage
 from pipeline.storage.names import _TMP_PREFIX, check_path, safe_name
 from pipeline.storage.retry import RetryPolicy, call_with_retries, is_retryable
@@ -45,6 +50,7 @@ __all__ = [
     "S3Storage",
     "Storage",
     "StorageError",
+    "StoreUnreachableError",
     "call_with_retries",
     "check_path",
     "is_retryable",

@@ -17,3 +17,8 @@ class ObjectNotFoundError(StorageError, FileNotFoundError):
 
 class AccessDeniedError(StorageError, PermissionError):
     """The credentials may not do this (403); also a PermissionError."""
+
+
+class StoreUnreachableError(StorageError, ConnectionError):
+    """No connection to the store could be made, retries included (a wrong endpoint, a
+    server down): the next request to it would wait as long to fail."""

@@ -21,7 +21,12 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from pipeline.storage.errors import AccessDeniedError, ObjectNotFoundError, StorageError
+from pipeline.storage.errors import (
+    AccessDeniedError,
+    ObjectNotFoundError,
+    StorageError,
+    StoreUnreachableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +104,8 @@ def is_retryable(exc: BaseException) -> bool:
 def _storage_error(exc: BaseException, op: str, uri: str, attempts: int) -> StorageError:
     """A typed error naming the operation and URI (only the server's code and message)."""
     tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+    if isinstance(exc, BotoConnectionError):  # no connection made at all
+        return StoreUnreachableError(f"{op} {uri}: store unreachable{tries}: {exc}", uri)
     if not isinstance(exc, ClientError):
         return StorageError(f"{op} {uri} failed{tries}: {type(exc).__name__}: {exc}", uri)
     code, status = _client_error_code(exc)
