@@ -24,11 +24,15 @@ from pipeline.index.searchstore import (
     brute_force_top_k,
     build_search_index,
     files_of,
+    layout,
     plan_shards,
     sample_row_groups,
     search_config_of,
 )
-from pipeline.search import recall_at_k, rerank
+from pipeline.index.searchstore import blocks as blocks_module
+from pipeline.index.searchstore import build as build_module
+from pipeline.index.searchstore import scan as scan_module
+from pipeline.search import l2_normalize, recall_at_k, rerank
 from pipeline.storage import S3Storage, open_storage
 from pipeline.testing import clustered
 
@@ -187,13 +191,13 @@ def test_a_floor_skips_re_ranking_but_keeps_every_hit_above_it(tmp_path, monkeyp
     store = SearchStore(index, threads=1)
     queries = vectors[::50][:60]
     fetched: list[int] = []
-    fetch = searchstore.BlockReader.fetch
+    fetch = blocks_module.BlockReader.fetch
 
     def counted(self, ids):
         fetched.append(len(ids))
         return fetch(self, ids)
 
-    monkeypatch.setattr(searchstore.BlockReader, "fetch", counted)
+    monkeypatch.setattr(blocks_module.BlockReader, "fetch", counted)
     scores, rows = store.search(queries, 8, candidates=64)
     full = sum(fetched)
     for floor in (0.5, 0.9):
@@ -208,22 +212,22 @@ def test_a_floor_skips_re_ranking_but_keeps_every_hit_above_it(tmp_path, monkeyp
     # The bound itself, over every (query, row) pair: nothing it would skip has a cosine (with
     # the float16 row re-ranking scores) at or above the floor, with the stored per-row
     # bounds and with the older fixed slack.
-    q = searchstore.l2_normalize(queries)
+    q = l2_normalize(queries)
     small = store.trained.reduce(q)
-    unit = searchstore.l2_normalize(vectors)
+    unit = l2_normalize(vectors)
     ivf = store.trained.ivf
     reconstructed = ivf.sa_decode(ivf.sa_encode(store.trained.reduce(unit)))
     approx = small @ reconstructed.T  # each row's PQ score, as the scan computes it
-    cosine = q @ searchstore.l2_normalize(unit.astype(np.float16)).T
+    cosine = q @ l2_normalize(unit.astype(np.float16)).T
     ids = np.broadcast_to(np.arange(len(vectors)), approx.shape)
     bounds = np.concatenate([store.load_bounds(shard) for shard in store.shards])
     whole = {"bounds": {"max": bounds.max(axis=0).tolist()}}  # one shard of every row
     for floor in (0.5, 0.9, 0.99):
-        terms = searchstore.floor_terms(q, small, floor)
+        terms = scan_module.floor_terms(q, small, floor)
         for shard in (whole, {}):  # with per-row bounds, and an older index's fixed slack
-            kept = searchstore.above_floor(approx, ids, terms, shard, lambda _: bounds) >= 0
+            kept = scan_module.above_floor(approx, ids, terms, shard, lambda _: bounds) >= 0
             assert (cosine >= floor)[~kept].sum() == 0
-        kept = searchstore.above_floor(approx, ids, terms, whole, lambda _: bounds) >= 0
+        kept = scan_module.above_floor(approx, ids, terms, whole, lambda _: bounds) >= 0
         print(
             f"floor {floor}: {kept.mean():.4f} of pairs kept, {(cosine >= floor).mean():.4f} above"
         )
@@ -236,16 +240,16 @@ def test_list_by_list_scan_gives_faiss_scores(ivf_index):
     plan = store.plan(store.prepare(vectors[::7]), nprobe=4, candidates=20, k=10)
     for shard in store.shards:
         ivf = store.load_ivf(shard).index
-        want_s, want_i = searchstore.preassigned_search(ivf, plan, 20)
-        got_s, got_i = searchstore.scan_by_list(ivf, plan, 20)
+        want_s, want_i = scan_module.preassigned_search(ivf, plan, 20)
+        got_s, got_i = scan_module.scan_by_list(ivf, plan, 20)
         np.testing.assert_allclose(got_s, want_s, rtol=1e-5, atol=1e-5)  # both descending
         same = [set(a) == set(b) for a, b in zip(got_i, want_i, strict=True)]
         assert np.mean(same) >= 0.99 and (got_i >= 0).mean() > 0.9  # ties aside: the same
     # `scan` takes this path when lists are shared by several queries, FAISS's for one query.
     one = store.plan(store.prepare(vectors[:1]), nprobe=4, candidates=20, k=10)
     ivf = store.load_ivf(store.shards[0]).index
-    for p, scanned in ((plan, searchstore.scan_by_list), (one, searchstore.preassigned_search)):
-        np.testing.assert_array_equal(searchstore.scan(ivf, p, 20)[1], scanned(ivf, p, 20)[1])
+    for p, scanned in ((plan, scan_module.scan_by_list), (one, scan_module.preassigned_search)):
+        np.testing.assert_array_equal(scan_module.scan(ivf, p, 20)[1], scanned(ivf, p, 20)[1])
 
 
 def test_re_rank_reads_each_candidate_once_and_equals_one_by_one(ivf_index, monkeypatch):
@@ -253,7 +257,7 @@ def test_re_rank_reads_each_candidate_once_and_equals_one_by_one(ivf_index, monk
     store = SearchStore(index, threads=1)
     shard = store.shards[0]
     plan = store.plan(store.prepare(vectors[::5]), nprobe=4, candidates=30, k=10)
-    ids = searchstore.scan(store.load_ivf(shard).index, plan, 30)[1]
+    ids = scan_module.scan(store.load_ivf(shard).index, plan, 30)[1]
     stored = np.concatenate(
         [np.load(index.storage.local_path(b["file"])) for b in shard["vectors"]]
     ).astype(np.float32)
@@ -262,15 +266,15 @@ def test_re_rank_reads_each_candidate_once_and_equals_one_by_one(ivf_index, monk
     cosine = np.where(ids >= 0, cosine, -np.inf)
     best = np.argsort(-cosine, axis=1, kind="stable")[:, :10]
     reads, preads = [], []
-    fetch, pread = searchstore.BlockReader.fetch, os.preadv
+    fetch, pread = blocks_module.BlockReader.fetch, os.preadv
 
     def counted(self, rows):
         reads.append(len(rows))
         return fetch(self, rows)
 
-    monkeypatch.setattr(searchstore.BlockReader, "fetch", counted)
+    monkeypatch.setattr(blocks_module.BlockReader, "fetch", counted)
     monkeypatch.setattr(os, "preadv", lambda *a: preads.append(1) or pread(*a))
-    with searchstore.BlockReader(store, shard) as blocks:
+    with blocks_module.BlockReader(store, shard) as blocks:
         scores, rows = rerank(plan["q"], ids, blocks.fetch, 10, True, plan["order"])
     np.testing.assert_array_equal(rows, np.take_along_axis(ids, best, 1))
     np.testing.assert_allclose(scores, np.take_along_axis(cosine, best, 1), rtol=1e-6, atol=1e-6)
@@ -278,7 +282,7 @@ def test_re_rank_reads_each_candidate_once_and_equals_one_by_one(ivf_index, monk
     # consecutive rows in one pread each.
     assert sum(reads) < 0.6 * (ids >= 0).sum() and len(preads) <= sum(reads)
     preads.clear()
-    with searchstore.BlockReader(store, shard) as blocks:
+    with blocks_module.BlockReader(store, shard) as blocks:
         some = blocks.fetch(np.array([0, 1, 2, 3, 10, 11, 2999]))
     np.testing.assert_array_equal(some, stored[[0, 1, 2, 3, 10, 11, 2999]])
     assert len(preads) == 3
@@ -341,13 +345,13 @@ def test_training_reads_only_sampled_row_groups(tmp_path, monkeypatch):
     vectors = clustered(36_000, 8, 5, seed=10)
     index = write_vector_index(tmp_path, np.split(vectors, 4))
     read = []
-    real = searchstore.read_row_groups
+    real = build_module.read_row_groups
 
     def spy(storage, path, groups, columns):
         read.append((path, list(groups), columns))
         return real(storage, path, groups, columns)
 
-    monkeypatch.setattr(searchstore, "read_row_groups", spy)
+    monkeypatch.setattr(build_module, "read_row_groups", spy)
     parts = searchstore.parts_of(index)
     sample = sample_row_groups(index, parts, "w", 5000, seed=3)
     assert sample.shape == (5000, 8) and sample.dtype == np.float32
@@ -582,7 +586,7 @@ def test_unit_rows_of_float16_vectors_are_computed_in_float32():
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(5000, 256)) * 40).astype(np.float16)  # |x|^2 ~ 4e5 > float16's max
     x[3] = 0
-    unit = searchstore.l2_normalize(x)
+    unit = l2_normalize(x)
     wide = x.astype(np.float64)
     want = wide / np.maximum(np.linalg.norm(wide, axis=1), 1)[:, None]
     np.testing.assert_allclose(unit, want, atol=1e-6)
@@ -604,7 +608,7 @@ def test_queries_with_nan_or_inf_are_refused(ivf_index):
 def test_npy_buffer_files_load_as_their_first_rows(dtype):
     """A vector block or lists file is written from the buffer it was filled in: every prefix
     of rows is a valid .npy file of those rows, with numpy's own alignment."""
-    buffer = searchstore.NpyBuffer((1_000, 24), dtype)
+    buffer = layout.NpyBuffer((1_000, 24), dtype)
     values = (np.arange(24_000) % 2_048).reshape(1_000, 24)  # exact in float16
     buffer.array[:] = values
     for rows in (1_000, 999, 7, 0):

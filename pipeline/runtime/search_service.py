@@ -16,9 +16,9 @@ import numpy as np
 import ray
 
 from pipeline.config import RuntimeConfig
+from pipeline.index.layout import SEARCH_DIR
 from pipeline.index.reader import Index
 from pipeline.index.searchstore import (
-    SEARCH_DIR,
     SearchStore,
     check_current,
     merge_top_k,
