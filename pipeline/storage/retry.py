@@ -105,7 +105,7 @@ def _storage_error(exc: BaseException, op: str, uri: str, attempts: int) -> Stor
     """A typed error naming the operation and URI (only the server's code and message)."""
     tries = f" (after {attempts} attempts)" if attempts > 1 else ""
     if isinstance(exc, BotoConnectionError):  # no connection made at all
-        return StoreUnreachableError(f"{op} {uri}: store unreachable{tries}: {exc}", uri)
+        return StoreUnreachableError(f"{op} {uri} failed{tries}: store unreachable: {exc}", uri)
     if not isinstance(exc, ClientError):
         return StorageError(f"{op} {uri} failed{tries}: {type(exc).__name__}: {exc}", uri)
     code, status = _client_error_code(exc)
