@@ -193,15 +193,16 @@ class InfluenceSSL:
         one pass over per-example gradients (dense), that pass keeps them ([N, D] on the
         CPU) and whitens them once fitted: one backward pass per example instead of two."""
         keys = keys if keys is not None else default_keys(len(images))
-        remaining = [p for p in self.curvature.passes if p not in self.curvature.completed]
-        if not (self.curvature.gradients_only and len(remaining) == 1):
+        pass_name = self.curvature.next_pass()
+        last = bool(self.curvature.passes) and pass_name == self.curvature.passes[-1]
+        if not (self.curvature.gradients_only and last):
             return self.fit(images, keys).embed(images, keys)
         stats, kept = Statistics(), []
         for batch_images, batch_keys in batches(images, keys, self.examples_per_batch()):
             batch = self.project(batch_images, batch_keys)
-            self.curvature.accumulate(remaining[0], stats, batch)
+            self.curvature.accumulate(pass_name, stats, batch)
             kept.append({name: g.cpu() for name, g in batch.gradients().items()})
-        self.complete_pass(remaining[0], stats)
+        self.complete_pass(pass_name, stats)
         parts = [self.curvature.whiten(gradients).float().cpu() for gradients in kept]
         return torch.cat(parts) if parts else torch.empty(0, self.curvature.dimension)
 

@@ -280,8 +280,9 @@ def build_shard(index: Index, job: ShardJob, item: dict) -> dict:
         stored = x.astype(np.float16)
         blocks.add(stored)
         small = np.ascontiguousarray(trained.reduce(x), np.float32)
-        reconstructed = add_assigned(shard, small, lists.array[span])
-        if bounds is not None:
+        codes = add_assigned(shard, small, lists.array[span])
+        if bounds is not None:  # against the rows as their codes reconstruct them
+            reconstructed = shard.sa_decode(codes)
             bounds.array[span] = floor_bounds(x, stored, small, reconstructed, trained.transform)
         added += len(vectors)
     blocks.close()
@@ -301,14 +302,15 @@ def build_shard(index: Index, job: ShardJob, item: dict) -> dict:
 
 
 def write_npy(storage, name: str, buffer: NpyBuffer) -> dict:
-    storage.write_bytes(name, buffer.file())
-    return file_entry(name, buffer.file())
+    data = buffer.file()
+    storage.write_bytes(name, data)
+    return file_entry(name, data)
 
 
 def add_assigned(shard: faiss.IndexIVFPQ, x: np.ndarray, lists: np.ndarray) -> np.ndarray:
     """Add rows `x` (reduced) to `shard` in their nearest list; fills `lists` (int32
     [n, probes]) with each row's nearest lists, best first, from the same search. Returns
-    the rows as their codes reconstruct them (centroid + decoded residual) [n, d]."""
+    their codes (list number and PQ code, `sa_decode` reconstructs the rows)."""
     _, nearest = shard.quantizer.search(x, lists.shape[1])
     lists[:] = nearest
     first = np.ascontiguousarray(nearest[:, 0], np.int64)
@@ -317,7 +319,7 @@ def add_assigned(shard: faiss.IndexIVFPQ, x: np.ndarray, lists: np.ndarray) -> n
         len(x), faiss.swig_ptr(x), faiss.swig_ptr(first), faiss.swig_ptr(codes), True
     )
     shard.add_sa_codes(codes)
-    return shard.sa_decode(codes)
+    return codes
 
 
 def floor_bounds(

@@ -175,7 +175,7 @@ class SearchStore:
         searched); missing results have row -1 (score -inf, +inf for opponents).
 
         `floor` (cosine indexes): only hits scoring >= floor are wanted, so candidates whose
-        PQ score bounds their cosine below it are not re-ranked (`skip_below`); every hit >=
+        PQ score bounds their cosine below it are not re-ranked (`above_floor`); every hit >=
         floor among the top k is returned as without it, others may be missing.
 
         `rows`: the queries are these rows' own vectors (dedup): a row is left out of its own
