@@ -219,8 +219,8 @@ def run_verb(verb: str, root: str, dimension: int) -> dict:
 
 def dedup_batch(root: str) -> dict:
     """One of dedup's edge batches (the middle one, influence mode, default settings) as a
-    worker runs it after another (the one before it, untimed: imports, file checks and
-    buffers warm): its rows per second of wall time and of this process's CPU time (the
+    worker runs it after another (the one before it, not counted: its imports and file
+    checks warm): its rows per second of wall time and of this process's CPU time (the
     figure that holds on a shared machine). Its edges are written as dedup writes them."""
     from pipeline.dedup import DedupConfig
     from pipeline.dedup.edges import (
